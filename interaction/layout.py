@@ -1,0 +1,216 @@
+"""Micro-turn stream layout: which token of a window belongs to which stream.
+
+Pure numpy (no jax): the data pipeline, the model and the step all derive their
+index arrays from these functions, so the layout is never hard-coded twice.
+
+A micro-turn is one input block followed by one output block. Inside a block the
+streams come in spec order, each with its fixed number of slots. A window of N
+micro-turns is the sequence ``in_0, out_0, in_1, out_1, ...``.
+
+Legend: N micro-turns in a window, S tokens per micro-turn, T = N * S tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+MICRO_TURN_SECONDS = 0.2
+DIRECTIONS = ("in", "out")
+KINDS = ("audio", "video", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+  """One modality in one direction, with its slots per micro-turn.
+
+  Audio streams carry log-mel frames (one frame per slot) that the model
+  quantizes to dMel codes: ``mel_channels`` channels, ``mel_levels`` levels each,
+  values clipped to ``[mel_min, mel_max]``. Video streams carry RGB patches of
+  ``patch_size`` x ``patch_size`` pixels (one patch per slot, row-major over a
+  frame of ``frame_shape``). Text streams carry
+  token ids below ``vocab_size``.
+  """
+
+  name: str
+  direction: str
+  kind: str
+  slots: int
+  mel_channels: int = 0
+  mel_levels: int = 0
+  mel_min: float = -1.0
+  mel_max: float = 1.0
+  patch_size: int = 0
+  patches_per_row: int = 1
+  vocab_size: int = 0
+
+  def __post_init__(self):
+    if self.direction not in DIRECTIONS:
+      raise ValueError(f"stream {self.name!r}: direction must be one of {DIRECTIONS}, got {self.direction!r}")
+    if self.kind not in KINDS:
+      raise ValueError(f"stream {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+    if self.slots < 1:
+      raise ValueError(f"stream {self.name!r}: slots must be >= 1, got {self.slots}")
+    if self.kind == "audio" and (self.mel_channels < 1 or self.mel_levels < 2):
+      raise ValueError(f"audio stream {self.name!r} needs mel_channels >= 1 and mel_levels >= 2")
+    if self.kind == "audio" and not self.mel_max > self.mel_min:
+      raise ValueError(f"audio stream {self.name!r}: mel_max must exceed mel_min")
+    if self.kind == "video" and self.patch_size < 1:
+      raise ValueError(f"video stream {self.name!r} needs patch_size >= 1")
+    if self.kind == "video" and self.slots % self.patches_per_row:
+      raise ValueError(f"video stream {self.name!r}: slots ({self.slots}) must be a multiple of patches_per_row")
+    if self.kind == "video" and self.direction == "out":
+      raise ValueError(f"video stream {self.name!r}: video output is not supported")
+    if self.kind == "text" and self.vocab_size < 2:
+      raise ValueError(f"text stream {self.name!r} needs vocab_size >= 2")
+
+  @property
+  def value_shape(self) -> tuple[int, ...]:
+    """Shape of one slot's value (after the slot axis)."""
+    if self.kind == "audio":
+      return (self.mel_channels,)
+    if self.kind == "video":
+      return (self.patch_size, self.patch_size, 3)
+    return ()
+
+  @property
+  def frame_shape(self) -> tuple[int, int]:
+    """(height, width) in pixels of a video frame cut into this stream's patches."""
+    return (self.slots // self.patches_per_row * self.patch_size, self.patches_per_row * self.patch_size)
+
+  @property
+  def dtype(self) -> np.dtype:
+    """The dtype a batch carries for this stream."""
+    return {"audio": np.dtype(np.float32), "video": np.dtype(np.uint8), "text": np.dtype(np.int32)}[self.kind]
+
+
+def validate_specs(specs: Sequence[StreamSpec]) -> None:
+  names = [s.name for s in specs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"stream names must be unique, got {names}")
+  if not any(s.direction == "in" for s in specs) or not any(s.direction == "out" for s in specs):
+    raise ValueError("a layout needs at least one input and one output stream")
+
+
+def block_order(specs: Sequence[StreamSpec]) -> list[StreamSpec]:
+  """Streams in token order inside one micro-turn: inputs, then outputs."""
+  validate_specs(specs)
+  return [s for s in specs if s.direction == "in"] + [s for s in specs if s.direction == "out"]
+
+
+def tokens_per_turn(specs: Sequence[StreamSpec]) -> int:
+  return sum(s.slots for s in specs)
+
+
+def input_tokens_per_turn(specs: Sequence[StreamSpec]) -> int:
+  return sum(s.slots for s in specs if s.direction == "in")
+
+
+def output_tokens_per_turn(specs: Sequence[StreamSpec]) -> int:
+  return sum(s.slots for s in specs if s.direction == "out")
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnLayout:
+  """Per-token arrays for one micro-turn, each of shape [S]."""
+
+  stream: np.ndarray  # index into ``order``
+  slot: np.ndarray  # slot within its stream
+  predicted: np.ndarray  # bool: an output slot (a training target)
+  order: tuple[StreamSpec, ...]
+
+  def offset(self, name: str) -> int:
+    """Offset of a stream's first slot inside the micro-turn."""
+    for i, spec in enumerate(self.order):
+      if spec.name == name:
+        return int(np.flatnonzero(self.stream == i)[0])
+    raise KeyError(f"no stream named {name!r}; streams are {[s.name for s in self.order]}")
+
+
+def turn_layout(specs: Sequence[StreamSpec]) -> TurnLayout:
+  order = tuple(block_order(specs))
+  stream = np.concatenate([np.full(s.slots, i, np.int32) for i, s in enumerate(order)])
+  slot = np.concatenate([np.arange(s.slots, dtype=np.int32) for s in order])
+  predicted = np.concatenate([np.full(s.slots, s.direction == "out") for s in order])
+  return TurnLayout(stream=stream, slot=slot, predicted=predicted, order=order)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowLayout:
+  """Per-token arrays for a window of N micro-turns, each of shape [T]."""
+
+  stream: np.ndarray
+  slot: np.ndarray
+  turn: np.ndarray  # absolute micro-turn index
+  position: np.ndarray  # absolute token position (RoPE), grows across turns
+  predicted: np.ndarray
+  order: tuple[StreamSpec, ...]
+
+
+def window_layout(specs: Sequence[StreamSpec], num_turns: int, first_turn: int = 0) -> WindowLayout:
+  """Layout of ``num_turns`` micro-turns starting at micro-turn ``first_turn``."""
+  tl = turn_layout(specs)
+  s = len(tl.stream)
+  turn = np.repeat(np.arange(first_turn, first_turn + num_turns, dtype=np.int32), s)
+  return WindowLayout(
+    stream=np.tile(tl.stream, num_turns),
+    slot=np.tile(tl.slot, num_turns),
+    turn=turn,
+    position=(first_turn * s + np.arange(num_turns * s)).astype(np.int32),
+    predicted=np.tile(tl.predicted, num_turns),
+    order=tl.order,
+  )
+
+
+def prediction_index(specs: Sequence[StreamSpec], name: str, num_turns: int) -> np.ndarray:
+  """Window-relative index of the hidden state that predicts each slot of an output stream.
+
+  Output slots are predicted by next-token prediction: the hidden state at token
+  ``p - 1`` predicts the value at token ``p``. Returns int32 [N, slots].
+  """
+  tl = turn_layout(specs)
+  spec = tl.order[[sp.name for sp in tl.order].index(name)]
+  if spec.direction != "out":
+    raise ValueError(f"stream {name!r} is an input stream; inputs are never predicted")
+  s = len(tl.stream)
+  first = tl.offset(name) + np.arange(spec.slots)
+  return (np.arange(num_turns)[:, None] * s + first[None, :] - 1).astype(np.int32)
+
+
+def window_targets(specs: Sequence[StreamSpec], streams: dict[str, np.ndarray]) -> np.ndarray:
+  """Per-token text target of a window: the token id at predicted text slots, -1 elsewhere.
+
+  ``streams`` maps stream names to [N, slots, ...] arrays of one window.
+  """
+  tl = turn_layout(specs)
+  num_turns = next(iter(streams.values())).shape[0]
+  targets = np.full((num_turns, len(tl.stream)), -1, np.int64)
+  for i, spec in enumerate(tl.order):
+    if spec.direction == "out" and spec.kind == "text":
+      off = tl.offset(spec.name)
+      targets[:, off : off + spec.slots] = streams[spec.name]
+  return targets.reshape(-1)
+
+
+def check_window(specs: Sequence[StreamSpec], streams: dict, batch_dims: int, num_turns: int | None = None) -> None:
+  """Raise ValueError naming the stream when an array does not match the layout.
+
+  ``batch_dims`` leading dims are free (e.g. 2 for [B, N]); after them come the
+  stream's slots and its value shape. With ``num_turns`` the turn dim is checked.
+  """
+  for spec in specs:
+    if spec.name not in streams:
+      raise ValueError(f"missing stream {spec.name!r}; expected an array of shape [...,{spec.slots},{','.join(map(str, spec.value_shape))}]")
+    x = streams[spec.name]
+    shape, dtype = tuple(getattr(x, "shape", ())), getattr(x, "dtype", None)
+    expected = (spec.slots, *spec.value_shape)
+    ok = len(shape) == batch_dims + len(expected) and shape[batch_dims:] == expected
+    if ok and num_turns is not None and batch_dims >= 2:
+      ok = shape[1] == num_turns
+    if not ok:
+      lead = "B" if batch_dims == 1 else "B, N" if num_turns is None else f"B, {num_turns}"
+      raise ValueError(f"stream {spec.name!r}: expected shape [{lead}, {', '.join(map(str, expected))}], got {list(shape)}")
+    if dtype is None or np.dtype(dtype) != spec.dtype:
+      raise ValueError(f"stream {spec.name!r}: expected dtype {spec.dtype}, got {dtype}")
