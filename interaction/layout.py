@@ -13,6 +13,7 @@ Legend: N micro-turns in a window, S tokens per micro-turn, T = N * S tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -129,12 +130,18 @@ class TurnLayout:
     raise KeyError(f"no stream named {name!r}; streams are {[s.name for s in self.order]}")
 
 
-def turn_layout(specs: Sequence[StreamSpec]) -> TurnLayout:
+@functools.lru_cache(maxsize=64)
+def _turn_layout(specs: tuple[StreamSpec, ...]) -> TurnLayout:
   order = tuple(block_order(specs))
   stream = np.concatenate([np.full(s.slots, i, np.int32) for i, s in enumerate(order)])
   slot = np.concatenate([np.arange(s.slots, dtype=np.int32) for s in order])
   predicted = np.concatenate([np.full(s.slots, s.direction == "out") for s in order])
   return TurnLayout(stream=stream, slot=slot, predicted=predicted, order=order)
+
+
+def turn_layout(specs: Sequence[StreamSpec]) -> TurnLayout:
+  """Layout of one micro-turn (cached: the specs are hashable)."""
+  return _turn_layout(tuple(specs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +194,7 @@ def window_targets(specs: Sequence[StreamSpec], streams: dict[str, np.ndarray]) 
   tl = turn_layout(specs)
   num_turns = next(iter(streams.values())).shape[0]
   targets = np.full((num_turns, len(tl.stream)), -1, np.int64)
-  for i, spec in enumerate(tl.order):
+  for spec in tl.order:
     if spec.direction == "out" and spec.kind == "text":
       off = tl.offset(spec.name)
       targets[:, off : off + spec.slots] = streams[spec.name]
@@ -202,7 +209,9 @@ def check_window(specs: Sequence[StreamSpec], streams: dict, batch_dims: int, nu
   """
   for spec in specs:
     if spec.name not in streams:
-      raise ValueError(f"missing stream {spec.name!r}; expected an array of shape [...,{spec.slots},{','.join(map(str, spec.value_shape))}]")
+      raise ValueError(
+        f"missing stream {spec.name!r}; expected an array of shape [...,{spec.slots},{','.join(map(str, spec.value_shape))}]"
+      )
     x = streams[spec.name]
     shape, dtype = tuple(getattr(x, "shape", ())), getattr(x, "dtype", None)
     expected = (spec.slots, *spec.value_shape)
@@ -211,6 +220,23 @@ def check_window(specs: Sequence[StreamSpec], streams: dict, batch_dims: int, nu
       ok = shape[1] == num_turns
     if not ok:
       lead = "B" if batch_dims == 1 else "B, N" if num_turns is None else f"B, {num_turns}"
-      raise ValueError(f"stream {spec.name!r}: expected shape [{lead}, {', '.join(map(str, expected))}], got {list(shape)}")
+      raise ValueError(
+        f"stream {spec.name!r}: expected shape [{lead}, {', '.join(map(str, expected))}], got {list(shape)}"
+      )
     if dtype is None or np.dtype(dtype) != spec.dtype:
       raise ValueError(f"stream {spec.name!r}: expected dtype {spec.dtype}, got {dtype}")
+
+
+def random_streams(specs: Sequence[StreamSpec], lead: tuple[int, ...], seed: int = 0) -> dict[str, np.ndarray]:
+  """Random values of the right shape and dtype for every stream (tests, benchmarks, AOT)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for spec in specs:
+    shape = (*lead, spec.slots, *spec.value_shape)
+    if spec.kind == "audio":
+      out[spec.name] = rng.uniform(spec.mel_min, spec.mel_max, shape).astype(np.float32)
+    elif spec.kind == "video":
+      out[spec.name] = rng.integers(0, 256, shape, dtype=np.uint8)
+    else:
+      out[spec.name] = rng.integers(0, spec.vocab_size, shape).astype(np.int32)
+  return out

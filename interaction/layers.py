@@ -1,0 +1,128 @@
+"""Decoder building blocks: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Dimension legend:
+  B batch, T new tokens (query length), C cache capacity, S keys attended
+  D d_model, H query heads, K kv heads, G = H / K query heads per kv head,
+  E head_dim, F ffn hidden
+
+Attention takes an optional cache. Without one it attends causally within the
+given tokens (training). With one it attends over the cached keys followed by the
+new tokens, and returns the cache with the new keys written into its ring buffer
+(the step). There is no mode flag: the cache is data.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from interaction import sharding
+
+
+def param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int | None = None, init="normal"):
+  """A parameter with logical ``axes`` metadata; normal init scaled by 1/sqrt(fan_in)."""
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    std = (fan_in or shape[0]) ** -0.5
+    value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs, axis_name="act_embed"):
+    self.scale = param(rngs, (dim,), (axis_name,), param_dtype, init="ones")
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BTHE, positions_BT, theta: float):
+  """Rotary embedding on the last dim, at absolute token positions."""
+  e = x_BTHE.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, e, 2, dtype=jnp.float32) / e)
+  angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  sin, cos = jnp.sin(angle_BTF)[:, :, None, :], jnp.cos(angle_BTF)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTHE.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTHE.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with optional QK-norm over a sliding window."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, h, k, e, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.param_dtype)
+    self.q = param(rngs, (d, h, e), ("embed", "heads", "head_dim"), pd, fan_in=d)
+    self.k = param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), pd, fan_in=d)
+    self.v = param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), pd, fan_in=d)
+    self.o = param(rngs, (h, e, d), ("heads", "head_dim", "embed"), pd, fan_in=h * e)
+    self.q_norm = RMSNorm(e, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs, axis_name="head_dim") if cfg.qk_norm else None
+    self.k_norm = RMSNorm(e, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs, axis_name="head_dim") if cfg.qk_norm else None
+    self.num_kv_heads, self.window, self.theta = k, cfg.attention_window, cfg.rope_theta
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x_BTD, positions_BT, cache=None):
+    """Returns ``(y_BTD, (k_BCKE, v_BCKE) or None)``.
+
+    ``cache`` is ``(k_BCKE, v_BCKE, pos_BC)``: the ring buffer and the absolute
+    position of each entry (-1 when empty). The new keys are written at
+    ``position % C``.
+    """
+    dt = self.dtype
+    x = x_BTD.astype(dt)
+    q_BTHE = jnp.einsum("btd,dhe->bthe", x, self.q[...].astype(dt))
+    k_BTKE = jnp.einsum("btd,dke->btke", x, self.k[...].astype(dt))
+    v_BTKE = jnp.einsum("btd,dke->btke", x, self.v[...].astype(dt))
+    if self.q_norm is not None:
+      q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+    q_BTHE = rope(q_BTHE, positions_BT, self.theta)
+    k_BTKE = rope(k_BTKE, positions_BT, self.theta)
+
+    if cache is None:
+      keys, values, key_pos_BS = k_BTKE, v_BTKE, positions_BT
+      new_cache = None
+    else:
+      ck_BCKE, cv_BCKE, cpos_BC = cache
+      keys = jnp.concatenate([ck_BCKE.astype(dt), k_BTKE], axis=1)
+      values = jnp.concatenate([cv_BCKE.astype(dt), v_BTKE], axis=1)
+      key_pos_BS = jnp.concatenate([cpos_BC, positions_BT], axis=1)
+      slot_BT = positions_BT % ck_BCKE.shape[1]
+      b_B1 = jnp.arange(x.shape[0])[:, None]
+      new_cache = (
+        ck_BCKE.at[b_B1, slot_BT].set(k_BTKE.astype(ck_BCKE.dtype)),
+        cv_BCKE.at[b_B1, slot_BT].set(v_BTKE.astype(cv_BCKE.dtype)),
+      )
+
+    b, t, h, e = q_BTHE.shape
+    q_BTKGE = q_BTHE.reshape(b, t, self.num_kv_heads, h // self.num_kv_heads, e)
+    logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, keys).astype(jnp.float32) * e**-0.5
+    delta_BTS = positions_BT[:, :, None] - key_pos_BS[:, None, :]
+    visible_BTS = (key_pos_BS[:, None, :] >= 0) & (delta_BTS >= 0) & (delta_BTS < self.window)
+    logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
+    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, values)
+    y_BTD = jnp.einsum("bthe,hed->btd", out_BTKGE.reshape(b, t, h, e), self.o[...].astype(dt))
+    return y_BTD, new_cache
+
+
+class SwiGLU(nnx.Module):
+  """Dense gated FFN: down(silu(x W_gate) * x W_up)."""
+
+  def __init__(self, d: int, f: int, *, param_dtype, dtype, rngs: nnx.Rngs):
+    self.gate = param(rngs, (d, f), ("embed", "mlp"), param_dtype, fan_in=d)
+    self.up = param(rngs, (d, f), ("embed", "mlp"), param_dtype, fan_in=d)
+    self.down = param(rngs, (f, d), ("mlp", "embed"), param_dtype, fan_in=f)
+    self.dtype = jnp.dtype(dtype)
+
+  def __call__(self, x_BTD):
+    dt = self.dtype
+    x = x_BTD.astype(dt)
+    h_BTF = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    h_BTF = sharding.constrain(h_BTF, ("batch", "seq", "mlp"))
+    return h_BTF @ self.down[...].astype(dt)

@@ -1,0 +1,80 @@
+"""The training forward over a window and its losses.
+
+Dimension legend: B batch, N micro-turns, n slots of one stream, T = N * S
+tokens, D d_model, V text vocabulary.
+
+A batch is a dict: one [B, N, n, ...] array per stream (see ``layout``), plus
+``first_turn`` [B] (absolute micro-turn of the window's start) and optionally
+``turn_mask`` [B, N] (1 for real turns).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from interaction import moe
+from interaction.model import InteractionModel
+
+
+def num_turns_of(model: InteractionModel, batch) -> int:
+  return batch[model.order[0].name].shape[1]
+
+
+def outputs_from_embeddings(model: InteractionModel, x_BTD, positions_BT, batch, rng):
+  """Per-slot predictions of every output stream from embedded window tokens.
+
+  Returns ``{stream: [B, N, n]}`` log-probabilities of the targets for text
+  streams and flow-matching losses for audio streams, plus ``"moe"`` stats.
+  """
+  h_BTD, _, stats = model.forward(x_BTD, positions_BT)
+  num_turns = num_turns_of(model, batch)
+  out = {"moe": stats}
+  for i, spec in enumerate(model.order):
+    if spec.direction != "out":
+      continue
+    h_BNnD = h_BTD[:, model.prediction_index(spec.name, num_turns)]
+    if spec.kind == "text":
+      logp_BNnV = jax.nn.log_softmax(model.text_logits(h_BNnD), axis=-1)
+      target_BNn = batch[spec.name]
+      out[spec.name] = jnp.take_along_axis(logp_BNnV, target_BNn[..., None], axis=-1)[..., 0]
+    else:
+      out[spec.name] = model.flow_heads[spec.name].loss(h_BNnD, batch[spec.name], jax.random.fold_in(rng, i))
+  return out
+
+
+def window_outputs(model: InteractionModel, batch, rng):
+  """The training forward: embed the window, run the decoder without a cache, score outputs."""
+  num_turns = num_turns_of(model, batch)
+  first_turn = batch["first_turn"]
+  x_BTD = model.embed_window({s.name: batch[s.name] for s in model.order}, first_turn, num_turns)
+  return outputs_from_embeddings(model, x_BTD, model.window_positions(first_turn, num_turns), batch, rng)
+
+
+def losses(model: InteractionModel, outputs, batch, *, aux_weight: float = 0.01, z_weight: float = 1e-3):
+  """Scalar losses: text cross-entropy, flow matching, MoE auxiliaries, and the total."""
+  first = next(iter(v for k, v in outputs.items() if k != "moe"))
+  mask_BN = batch.get("turn_mask")
+  mask_BN = jnp.ones(first.shape[:2], jnp.float32) if mask_BN is None else mask_BN.astype(jnp.float32)
+  denom = jnp.maximum(jnp.sum(mask_BN), 1.0)
+  text_ce, flow = 0.0, 0.0
+  for spec in model.order:
+    if spec.direction != "out":
+      continue
+    per_turn = jnp.mean(outputs[spec.name], axis=-1)
+    value = jnp.sum(per_turn * mask_BN) / denom
+    if spec.kind == "text":
+      text_ce = text_ce - value
+    else:
+      flow = flow + value
+  result = {"text_ce": text_ce, "flow": flow}
+  total = text_ce + flow
+  if outputs["moe"] is not None:
+    # Stats are stacked over layers: losses per layer, averaged.
+    per_layer = jax.vmap(lambda s: moe.router_losses(s, model.cfg.experts_per_token))(outputs["moe"])
+    result["load_balance"] = jnp.mean(per_layer["load_balance_loss"])
+    result["router_z"] = jnp.mean(per_layer["router_z_loss"])
+    result["expert_load"] = per_layer["expert_load"]
+    total = total + aux_weight * result["load_balance"] + z_weight * result["router_z"]
+  result["total"] = total
+  return result

@@ -1,0 +1,188 @@
+"""The micro-turn step: one jit-compiled, fixed-shape call per 200 ms tick.
+
+Dimension legend: B session slots, n slots of one stream, S_in input tokens per
+micro-turn, D d_model, V text vocabulary, C mel channels.
+
+``step(params, state, turn_inputs, rng, forced=None) -> (state, turn_outputs)``
+appends the input block to each slot's KV cache, then generates the output
+block slot by slot (a fixed-length loop), calling the same ``forward`` as
+training. Every shape is static, so it compiles once and runs for any number of
+ticks; the cache is a ring buffer, so memory is constant in session length.
+
+Sampling is per slot and data: ``temperature`` (0 = greedy), ``top_p`` and
+``seed`` live in the state. A slot's randomness depends only on its seed, its
+micro-turn index and the ``rng`` argument, never on which batch slot it sits in.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from interaction import layout
+from interaction.config import ModelConfig
+from interaction.model import InteractionModel, KVCache, init_cache
+
+
+class StepState(NamedTuple):
+  cache: KVCache
+  turn: jax.Array  # [B] int32: the micro-turn the next tick processes
+  temperature: jax.Array  # [B] float32, 0 = greedy
+  top_p: jax.Array  # [B] float32 in (0, 1]
+  seed: jax.Array  # [B] uint32
+
+
+def init_state(cfg: ModelConfig, slots: int, cache_tokens: int, *, temperature=1.0, top_p=1.0) -> StepState:
+  """An empty state for ``slots`` sessions with a ring buffer of ``cache_tokens``."""
+  check_capacity(cfg, cache_tokens)
+  return StepState(
+    cache=init_cache(cfg, slots, cache_tokens),
+    turn=jnp.zeros((slots,), jnp.int32),
+    temperature=jnp.full((slots,), temperature, jnp.float32),
+    top_p=jnp.full((slots,), top_p, jnp.float32),
+    seed=jnp.arange(slots, dtype=jnp.uint32),
+  )
+
+
+def check_capacity(cfg: ModelConfig, cache_tokens: int) -> None:
+  if cache_tokens < cfg.attention_window:
+    raise ValueError(
+      f"cache_tokens={cache_tokens} is smaller than the attention window ({cfg.attention_window} tokens); "
+      "the step would forget tokens the training forward attends to"
+    )
+  if cache_tokens < layout.tokens_per_turn(cfg.streams):
+    raise ValueError(f"cache_tokens={cache_tokens} must hold at least one micro-turn")
+
+
+def reset_slots(state: StepState, mask_B, *, seed_B=None, temperature_B=None, top_p_B=None) -> StepState:
+  """Empty the caches of the slots in ``mask_B`` and restart them at micro-turn 0."""
+  mask_B = jnp.asarray(mask_B, bool)
+  cache = state.cache._replace(pos=jnp.where(mask_B[:, None], -1, state.cache.pos))
+
+  def pick(new, old):
+    return old if new is None else jnp.where(mask_B, jnp.asarray(new, old.dtype), old)
+
+  return StepState(
+    cache=cache,
+    turn=jnp.where(mask_B, 0, state.turn),
+    temperature=pick(temperature_B, state.temperature),
+    top_p=pick(top_p_B, state.top_p),
+    seed=pick(seed_B, state.seed),
+  )
+
+
+def sample_text(logits_BV, temperature_B, top_p_B, keys_B):
+  """Per-row temperature / nucleus sampling; temperature 0 is greedy."""
+  greedy_B = jnp.argmax(logits_BV, axis=-1)
+  scaled = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+  probs = jax.nn.softmax(scaled, axis=-1)
+  sorted_p = -jnp.sort(-probs, axis=-1)
+  # The smallest set whose mass reaches top_p: keep tokens whose preceding mass is below it.
+  before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+  kept = jnp.sum(before < top_p_B[:, None], axis=-1)
+  threshold = jnp.take_along_axis(sorted_p, (kept - 1)[:, None], axis=-1)
+  masked = jnp.where(probs >= threshold, scaled, -jnp.inf)
+  sampled_B = jax.vmap(jax.random.categorical)(keys_B, masked)
+  return jnp.where(temperature_B > 0, sampled_B, greedy_B).astype(jnp.int32)
+
+
+def slot_keys(rng, state: StepState, stream_index: int, slot):
+  """Per-row key for one output slot: from the rng, the row's seed and micro-turn."""
+
+  def one(seed, turn):
+    return jax.random.fold_in(
+      jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, seed), turn), stream_index), slot
+    )
+
+  return jax.vmap(one)(state.seed, state.turn)
+
+
+def flow_noise(keys_B, channels: int):
+  """The Gaussian noise a mel slot's Euler integration starts from."""
+  return jax.vmap(lambda k: jax.random.normal(k, (channels,)))(keys_B)
+
+
+def step_fn(model: InteractionModel, state: StepState, turn_inputs, rng, forced=None):
+  """One micro-turn for every slot (call through ``make_step`` for jit + checks)."""
+  cfg = model.cfg
+  s_turn = layout.tokens_per_turn(cfg.streams)
+  turn_B1 = state.turn[:, None]
+  x_BSD = model.embed_block({k: v[:, None] for k, v in turn_inputs.items()}, turn_B1, "in")[:, 0]
+  pos_BS = turn_B1 * s_turn + jnp.arange(x_BSD.shape[1])[None, :]
+  h_BSD, cache, _ = model.forward(x_BSD, pos_BS, state.cache)
+  h_BD = h_BSD[:, -1]
+  next_pos_B = pos_BS[:, -1] + 1
+  outputs = {}
+  for index, spec in enumerate(model.order):
+    if spec.direction != "out":
+      continue
+    given = None if forced is None else jnp.swapaxes(forced[spec.name], 0, 1)
+
+    def body(carry, xs, spec=spec, index=index):
+      h_BD, cache, pos_B = carry
+      slot, given_B = xs
+      keys_B = slot_keys(rng, state, index, slot)
+      if spec.kind == "text":
+        logp_BV = jax.nn.log_softmax(model.text_logits(h_BD), axis=-1)
+        value_B = sample_text(logp_BV, state.temperature, state.top_p, keys_B) if given_B is None else given_B
+        score_B = jnp.take_along_axis(logp_BV, value_B[:, None], axis=-1)[:, 0]
+      else:
+        noise = flow_noise(keys_B, spec.mel_channels)
+        value_B = model.flow_heads[spec.name].sample(h_BD, noise, cfg.flow_steps) if given_B is None else given_B
+        score_B = value_B
+      x_B1D = model.embed_stream(spec.name, value_B[:, None, None], slot, state.turn[:, None])[:, 0]
+      h_B1D, cache, _ = model.forward(x_B1D, pos_B[:, None], cache)
+      return (h_B1D[:, 0], cache, pos_B + 1), (value_B, score_B)
+
+    (h_BD, cache, next_pos_B), (values, scores) = jax.lax.scan(
+      body, (h_BD, cache, next_pos_B), (jnp.arange(spec.slots), given)
+    )
+    outputs[spec.name] = jnp.swapaxes(values, 0, 1)
+    if spec.kind == "text":
+      outputs[spec.name + "_logprobs"] = jnp.swapaxes(scores, 0, 1)
+  return state._replace(cache=cache, turn=state.turn + 1), outputs
+
+
+class Step:
+  """The jitted step with input checks done on the host before any device work.
+
+  ``Step(graphdef, cfg)(params, state, turn_inputs, rng, forced=None)``. The
+  state is donated: the caller must use the returned one.
+  """
+
+  def __init__(self, graphdef, cfg: ModelConfig):
+    self.cfg = cfg
+    self.inputs = tuple(s for s in cfg.streams if s.direction == "in")
+    self.outputs = tuple(s for s in cfg.streams if s.direction == "out")
+
+    def run(params, state, turn_inputs, rng, forced):
+      return step_fn(nnx.merge(graphdef, params), state, turn_inputs, rng, forced)
+
+    self._jitted = jax.jit(run, donate_argnums=(1,))
+
+  def check(self, state: StepState, turn_inputs, forced=None) -> None:
+    """Raise ValueError naming the stream when an input does not match the layout."""
+    slots = state.turn.shape[0]
+    if not isinstance(turn_inputs, dict):
+      raise ValueError(f"turn_inputs must be a dict of input streams, got {type(turn_inputs).__name__}")
+    extra = sorted(set(turn_inputs) - {s.name for s in self.inputs})
+    if extra:
+      raise ValueError(f"turn_inputs has unknown streams {extra}; input streams are {[s.name for s in self.inputs]}")
+    layout.check_window(self.inputs, turn_inputs, batch_dims=1)
+    for spec in self.inputs:
+      if turn_inputs[spec.name].shape[0] != slots:
+        raise ValueError(f"stream {spec.name!r}: batch {turn_inputs[spec.name].shape[0]} != the state's {slots} slots")
+    if forced is not None:
+      layout.check_window(self.outputs, forced, batch_dims=1)
+
+  def __call__(self, params, state: StepState, turn_inputs, rng, forced=None):
+    self.check(state, turn_inputs, forced)
+    return self._jitted(params, state, turn_inputs, rng, forced)
+
+
+def as_numpy(tree):
+  return jax.tree.map(np.asarray, tree)
