@@ -1,0 +1,165 @@
+"""dMel featurizer and its inverse (Griffin-Lim), sized by an audio StreamSpec.
+
+Each micro-turn gets exactly ``spec.slots`` frames, so the hop is
+``3200 / slots`` samples (50 ms for 4 slots). Frames are *causal*: frame ``i``
+covers the ``win = 2 * hop`` samples that end at ``(i + 1) * hop``, so a frame
+never sees audio from a later micro-turn. This is what lets a sound starting at
+``t`` first show in micro-turn floor(t / 0.2), and lets the server featurize a
+live stream one micro-turn at a time with ``hop`` samples of carried context.
+
+Value: natural log of mel power, floored at 1e-5 and clipped to
+``[spec.mel_min, spec.mel_max]``. Power is ``|rfft(hann * frame)|^2 / sum(hann^2)``
+(white noise of variance s^2 has power s^2 in every FFT bin) through ``mel_channels``
+triangular HTK-mel filters from 0 Hz to 8 kHz. The model quantizes these values
+to ``mel_levels`` levels; ``quantize``/``dequantize`` here are the reference for that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from data_pipeline.record import SAMPLE_RATE, SAMPLES_PER_TURN
+from interaction import layout
+
+POWER_FLOOR = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class MelConfig:
+  """STFT and mel parameters derived from an audio StreamSpec."""
+
+  hop: int
+  channels: int
+  mel_min: float
+  mel_max: float
+  fmin: float = 0.0
+  fmax: float = SAMPLE_RATE / 2
+
+  @property
+  def win(self) -> int:
+    return 2 * self.hop
+
+  @property
+  def n_fft(self) -> int:
+    return 1 << (self.win - 1).bit_length()
+
+
+def mel_config(spec: layout.StreamSpec) -> MelConfig:
+  """MelConfig of an audio stream: ``spec.slots`` frames per 200 ms micro-turn."""
+  if spec.kind != "audio":
+    raise ValueError(f"stream {spec.name!r} is not an audio stream")
+  if SAMPLES_PER_TURN % spec.slots:
+    raise ValueError(
+      f"audio stream {spec.name!r}: {spec.slots} slots do not divide {SAMPLES_PER_TURN} samples per micro-turn"
+    )
+  return MelConfig(
+    hop=SAMPLES_PER_TURN // spec.slots, channels=spec.mel_channels, mel_min=spec.mel_min, mel_max=spec.mel_max
+  )
+
+
+def _hz_to_mel(f):
+  return 2595.0 * np.log10(1.0 + np.asarray(f, np.float64) / 700.0)
+
+
+def _mel_to_hz(m):
+  return 700.0 * (10.0 ** (np.asarray(m, np.float64) / 2595.0) - 1.0)
+
+
+@functools.lru_cache(maxsize=32)
+def _filterbank(cfg: MelConfig) -> np.ndarray:
+  """Triangular mel filters, float32 [channels, n_fft // 2 + 1], peak 1."""
+  freqs = np.fft.rfftfreq(cfg.n_fft, 1.0 / SAMPLE_RATE)
+  edges = _mel_to_hz(np.linspace(_hz_to_mel(cfg.fmin), _hz_to_mel(cfg.fmax), cfg.channels + 2))
+  lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+  up = (freqs[None] - lo) / np.maximum(mid - lo, 1e-9)
+  down = (hi - freqs[None]) / np.maximum(hi - mid, 1e-9)
+  fb = np.maximum(0.0, np.minimum(up, down))
+  # Low channels can be narrower than one FFT bin; give them their nearest bin so none is dead.
+  empty = fb.sum(axis=1) == 0
+  fb[empty, np.argmin(np.abs(freqs[None] - mid[empty]), axis=1)] = 1.0
+  return fb.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _window(win: int) -> np.ndarray:
+  return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)).astype(np.float32)  # periodic Hann
+
+
+def _frames(x: np.ndarray, start: int, num_frames: int, cfg: MelConfig) -> np.ndarray:
+  """[num_frames, win] causal frames; frame i ends at sample ``start + (i + 1) * hop``; zeros outside x."""
+  lo, hi = start + cfg.hop - cfg.win, start + num_frames * cfg.hop
+  seg = np.zeros(hi - lo, np.float32)
+  a, b = max(lo, 0), min(hi, len(x))
+  if b > a:
+    seg[a - lo : b - lo] = x[a:b]
+  return np.lib.stride_tricks.sliding_window_view(seg, cfg.win)[:: cfg.hop][:num_frames]
+
+
+def log_mel(cfg: MelConfig, x: np.ndarray, start: int = 0, num_frames: int | None = None) -> np.ndarray:
+  """float32 [num_frames, channels] log-mel of float audio ``x`` from sample ``start`` (a multiple of hop)."""
+  if num_frames is None:
+    num_frames = -(-(len(x) - start) // cfg.hop)
+  w = _window(cfg.win)
+  spec = np.fft.rfft(_frames(np.asarray(x, np.float32), start, num_frames, cfg) * w, n=cfg.n_fft, axis=-1)
+  power = (spec.real**2 + spec.imag**2).astype(np.float32) / np.float32(np.sum(w * w))
+  mel = power @ _filterbank(cfg).T
+  return np.clip(np.log(np.maximum(mel, POWER_FLOOR)), cfg.mel_min, cfg.mel_max).astype(np.float32)
+
+
+def silence_value(cfg: MelConfig) -> float:
+  """The log-mel value of digital silence (every channel, every frame)."""
+  return float(np.clip(np.log(np.float32(POWER_FLOOR)), cfg.mel_min, cfg.mel_max))
+
+
+def quantize(logmel: np.ndarray, levels: int, lo: float, hi: float) -> np.ndarray:
+  """dMel codes: int32 in [0, levels), uniform over [lo, hi], rounding to the nearest level."""
+  q = np.round((np.clip(logmel, lo, hi) - lo) / (hi - lo) * (levels - 1))
+  return q.astype(np.int32)
+
+
+def dequantize(codes: np.ndarray, levels: int, lo: float, hi: float) -> np.ndarray:
+  """Log-mel values of dMel codes (the level centres)."""
+  return (lo + np.asarray(codes, np.float32) * np.float32((hi - lo) / (levels - 1))).astype(np.float32)
+
+
+def _stft(y: np.ndarray, num_frames: int, cfg: MelConfig) -> np.ndarray:
+  return np.fft.rfft(_frames(y, 0, num_frames, cfg) * _window(cfg.win), n=cfg.n_fft, axis=-1)
+
+
+def _istft(spec: np.ndarray, cfg: MelConfig) -> np.ndarray:
+  """Weighted overlap-add inverse of ``_stft`` (frames of 2 hops), float32 [num_frames * hop]."""
+  w = _window(cfg.win)
+  frames = np.fft.irfft(spec, n=cfg.n_fft, axis=-1)[:, : cfg.win] * w
+  num = len(frames)
+  # Frame i spans hops i-1 and i; start one hop before 0 and drop it after summing.
+  out = np.zeros((num + 1, cfg.hop), np.float32)
+  norm = np.zeros((num + 1, cfg.hop), np.float32)
+  halves = frames.reshape(num, 2, cfg.hop)
+  out[:num] += halves[:, 0]
+  out[1:] += halves[:, 1]
+  norm[:num] += (w * w)[: cfg.hop]
+  norm[1:] += (w * w)[cfg.hop :]
+  return (out / np.maximum(norm, 1e-3))[1:].reshape(-1)
+
+
+def waveform(cfg: MelConfig, logmel: np.ndarray, iters: int = 32, seed: int = 0) -> np.ndarray:
+  """Griffin-Lim vocoder: float32 audio [frames * hop] whose log-mel approximates ``logmel`` [frames, channels]."""
+  fb = _filterbank(cfg)
+  mel = np.exp(np.asarray(logmel, np.float32))
+  mel = np.where(logmel <= silence_value(cfg) + 1e-6, 0.0, mel)
+  # Each channel's power per bin of its filter, blended across overlapping filters:
+  # exact for a spectrum that is flat under every filter.
+  density = mel / np.maximum(fb.sum(axis=1), 1e-9)
+  power = density @ (fb / np.maximum(fb.sum(axis=0, keepdims=True), 1e-9))
+  mag = np.sqrt(np.maximum(power, 0.0) * np.sum(_window(cfg.win) ** 2)).astype(np.float32)
+  rng = np.random.default_rng(seed)
+  phase = np.exp(2j * np.pi * rng.random(mag.shape)).astype(np.complex64)
+  y = _istft(mag * phase, cfg)
+  for _ in range(iters):
+    spec = _stft(y, len(mag), cfg)
+    phase = spec / np.maximum(np.abs(spec), 1e-9)
+    y = _istft(mag * phase, cfg)
+  return np.clip(y, -1.0, 1.0).astype(np.float32)
