@@ -105,7 +105,8 @@ def log_mel(cfg: MelConfig, x: np.ndarray, start: int = 0, num_frames: int | Non
   w = _window(cfg.win)
   spec = np.fft.rfft(_frames(np.asarray(x, np.float32), start, num_frames, cfg) * w, n=cfg.n_fft, axis=-1)
   power = (spec.real**2 + spec.imag**2).astype(np.float32) / np.float32(np.sum(w * w))
-  mel = power @ _filterbank(cfg).T
+  # einsum, not BLAS: a frame's value must not depend on how many frames are computed together.
+  mel = np.einsum("fk,ck->fc", power, _filterbank(cfg))
   return np.clip(np.log(np.maximum(mel, POWER_FLOOR)), cfg.mel_min, cfg.mel_max).astype(np.float32)
 
 
@@ -145,15 +146,18 @@ def _istft(spec: np.ndarray, cfg: MelConfig) -> np.ndarray:
   return (out / np.maximum(norm, 1e-3))[1:].reshape(-1)
 
 
-def waveform(cfg: MelConfig, logmel: np.ndarray, iters: int = 32, seed: int = 0) -> np.ndarray:
+def waveform(cfg: MelConfig, logmel: np.ndarray, iters: int = 32, mel_iters: int = 50, seed: int = 0) -> np.ndarray:
   """Griffin-Lim vocoder: float32 audio [frames * hop] whose log-mel approximates ``logmel`` [frames, channels]."""
   fb = _filterbank(cfg)
   mel = np.exp(np.asarray(logmel, np.float32))
   mel = np.where(logmel <= silence_value(cfg) + 1e-6, 0.0, mel)
-  # Each channel's power per bin of its filter, blended across overlapping filters:
-  # exact for a spectrum that is flat under every filter.
+  # Non-negative power whose mel projection matches: multiplicative updates (as in NMF),
+  # started from each channel's power spread evenly over its filter.
   density = mel / np.maximum(fb.sum(axis=1), 1e-9)
-  power = density @ (fb / np.maximum(fb.sum(axis=0, keepdims=True), 1e-9))
+  power = density @ (fb / np.maximum(fb.sum(axis=0, keepdims=True), 1e-9)) + 1e-12
+  norm = np.maximum(fb.sum(axis=0), 1e-9)
+  for _ in range(mel_iters):
+    power *= ((mel / np.maximum(power @ fb.T, 1e-12)) @ fb) / norm
   mag = np.sqrt(np.maximum(power, 0.0) * np.sum(_window(cfg.win) ** 2)).astype(np.float32)
   rng = np.random.default_rng(seed)
   phase = np.exp(2j * np.pi * rng.random(mag.shape)).astype(np.complex64)

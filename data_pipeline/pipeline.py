@@ -204,6 +204,11 @@ def make_pipeline(
   ds = ds.repeat(num_epochs).map(load)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, 8)))
   if workers > 0:
+    from absl import flags
+
+    # grain's worker processes read absl flags; scripts without absl.app never parse them.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
   it = iter(_SkipAndBatch(it_ds, batch_size, load.locate))
   it.windows_per_epoch = len(index)

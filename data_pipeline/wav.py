@@ -75,20 +75,23 @@ def resample(x: np.ndarray, rate_in: int, rate_out: int, half_taps: int = 32, be
   """Band-limited resampling by a Kaiser-windowed sinc with ``2 * half_taps`` taps per output sample."""
   if rate_in == rate_out:
     return np.asarray(x, np.float32)
-  x = np.asarray(x, np.float64)
-  n_out = int(math.floor(len(x) * rate_out / rate_in))
+  x = np.asarray(x, np.float32)
+  g = math.gcd(rate_in, rate_out)
+  up, down = rate_out // g, rate_in // g
+  n_out = len(x) * up // down
   # Downsampling must low-pass at the output's Nyquist rate, so the kernel is stretched.
   cutoff = min(1.0, rate_out / rate_in)
   width = int(math.ceil(half_taps / cutoff))
-  pad = np.concatenate([np.zeros(width), x, np.zeros(width + 1)])
-  out = np.empty(n_out, np.float64)
   k = np.arange(-width + 1, width + 1)
+  # Output n sits at input position n * down / up: only ``up`` distinct fractional phases exist,
+  # so the kernel is tabulated once per phase.
+  d = np.arange(up)[:, None] / up - k[None, :]
+  r = np.clip(d / width, -1.0, 1.0)
+  table = (cutoff * np.sinc(cutoff * d) * np.i0(beta * np.sqrt(1.0 - r * r)) / np.i0(beta)).astype(np.float32)
+  pad = np.concatenate([np.zeros(width, np.float32), x, np.zeros(width + 1, np.float32)])
+  out = np.empty(n_out, np.float32)
   for lo in range(0, n_out, 8192):  # chunks bound the [chunk, taps] temporary
-    t = np.arange(lo, min(n_out, lo + 8192)) * (rate_in / rate_out)
-    base = np.floor(t).astype(np.int64)
-    idx = base[:, None] + k[None, :]
-    d = t[:, None] - idx
-    r = np.clip(d / width, -1.0, 1.0)
-    w = cutoff * np.sinc(cutoff * d) * np.i0(beta * np.sqrt(1.0 - r * r)) / np.i0(beta)
-    out[lo : lo + len(t)] = np.sum(pad[idx + width] * w, axis=1)
-  return out.astype(np.float32)
+    n = np.arange(lo, min(n_out, lo + 8192), dtype=np.int64)
+    base, phase = (n * down) // up, (n * down) % up
+    out[lo : lo + len(n)] = np.einsum("nk,nk->n", pad[base[:, None] + k[None, :] + width], table[phase])
+  return out

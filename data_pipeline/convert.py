@@ -1,0 +1,188 @@
+"""Convert a folder of recorded conversations into ArrayRecord shards.
+
+  python -m data_pipeline.convert --input recordings/ --output data/ --split train
+
+Each sub-folder of --input (or --input itself) is one conversation:
+
+  user.wav          the user's audio (required)
+  model.wav         the model's audio (optional; silence if absent)
+  transcript.json   word timestamps, events, optional labels and metadata
+  frames/           optional video frames named by time in ms: 000400.npy (uint8 [H, W, 3]),
+                    .ppm, or .png/.jpg when Pillow is installed
+
+WAVs at another sample rate are resampled to 16 kHz (Kaiser-windowed sinc) and
+several channels are averaged; a count is printed. The transcript format and
+the checks (e.g. an event outside its audio is refused, naming the conversation)
+are in data_pipeline/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline import record, shards, wav
+from data_pipeline.record import SAMPLE_RATE
+
+_FRAME_SUFFIXES = (".npy", ".ppm", ".png", ".jpg", ".jpeg")
+
+
+class ConversionError(ValueError):
+  """An input conversation that cannot become a record."""
+
+
+def conversation_dirs(root) -> list[Path]:
+  """The conversation folders under ``root`` (``root`` itself if it holds a transcript)."""
+  root = Path(root)
+  if (root / "transcript.json").exists():
+    return [root]
+  dirs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "transcript.json").exists())
+  if not dirs:
+    raise ConversionError(f"{root}: no conversation folders (sub-folders with transcript.json)")
+  return dirs
+
+
+def _load_audio(path: Path, stats: dict) -> np.ndarray:
+  x, rate = wav.read_wav(path)
+  if rate != SAMPLE_RATE:
+    stats["resampled"] = stats.get("resampled", 0) + 1
+    x = wav.resample(x, rate, SAMPLE_RATE)
+  return wav.to_int16(x)
+
+
+def _read_image(path: Path) -> np.ndarray:
+  if path.suffix == ".npy":
+    return np.load(path, allow_pickle=False)
+  if path.suffix == ".ppm":
+    return _read_ppm(path)
+  try:
+    from PIL import Image
+  except ImportError as e:
+    raise ConversionError(
+      f"{path}: reading {path.suffix} frames needs Pillow (pip install pillow); .npy and .ppm work without it"
+    ) from e
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def _read_ppm(path: Path) -> np.ndarray:
+  """Binary 8-bit PPM (P6)."""
+  data = path.read_bytes()
+  fields, pos = [], 0
+  while len(fields) < 4:
+    while data[pos : pos + 1].isspace():
+      pos += 1
+    if data[pos : pos + 1] == b"#":
+      pos = data.index(b"\n", pos) + 1
+      continue
+    end = pos
+    while not data[end : end + 1].isspace():
+      end += 1
+    fields.append(data[pos:end])
+    pos = end
+  if fields[0] != b"P6" or int(fields[3]) != 255:
+    raise ConversionError(f"{path}: only binary 8-bit PPM (P6, maxval 255) is supported")
+  w, h = int(fields[1]), int(fields[2])
+  return np.frombuffer(data[pos + 1 : pos + 1 + w * h * 3], np.uint8).reshape(h, w, 3)
+
+
+def _load_frames(folder: Path, conv_id: str):
+  files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _FRAME_SUFFIXES)
+  if not files:
+    return None, None
+  by_turn = {}
+  for f in files:  # sorted by time, so the last frame of a micro-turn wins
+    try:
+      ms = int(f.stem)
+    except ValueError as e:
+      raise ConversionError(
+        f"conversation {conv_id!r}: frame {f.name} must be named by its time in ms (e.g. 000400.npy)"
+      ) from e
+    by_turn[record.turn_of(ms / 1000.0)] = f
+  images = [_read_image(by_turn[k]) for k in sorted(by_turn)]
+  shapes = {im.shape for im in images}
+  if len(shapes) != 1 or images[0].ndim != 3 or images[0].shape[-1] != 3 or images[0].dtype != np.uint8:
+    raise ConversionError(
+      f"conversation {conv_id!r}: frames must all be uint8 [H, W, 3] of one size, got {sorted(map(str, shapes))}"
+    )
+  return np.stack(images), np.array(sorted(by_turn), np.int32)
+
+
+def _events(tr: dict, conv_id: str) -> list[record.Event]:
+  events = []
+  for who, kind in (("user", "user_text"), ("model", "model_text")):
+    for w in tr.get(who, []):
+      # A word carries its trailing space so laid-out text reads as words.
+      events.append(record.Event(kind, float(w["start"]), float(w["end"]), str(w["word"]) + " "))
+  for e in tr.get("events", []):
+    if e.get("type") not in record.EVENT_KINDS:
+      raise ConversionError(
+        f"conversation {conv_id!r}: event type {e.get('type')!r} is not one of {record.EVENT_KINDS}"
+      )
+    events.append(record.Event(e["type"], float(e["start"]), float(e["end"]), str(e["text"])))
+  return sorted(events, key=lambda ev: (ev.start, ev.kind))
+
+
+def load_conversation(folder, stats: dict | None = None) -> record.Conversation:
+  """One conversation folder as a validated Conversation."""
+  folder, stats = Path(folder), stats if stats is not None else {}
+  tr = json.loads((folder / "transcript.json").read_text())
+  conv_id = str(tr.get("id", folder.name))
+  if not (folder / "user.wav").exists():
+    raise ConversionError(f"conversation {conv_id!r}: missing user.wav in {folder}")
+  user = _load_audio(folder / "user.wav", stats)
+  model = _load_audio(folder / "model.wav", stats) if (folder / "model.wav").exists() else np.zeros(0, np.int16)
+  frames, frame_turns = _load_frames(folder / "frames", conv_id) if (folder / "frames").is_dir() else (None, None)
+  conv = record.Conversation(
+    id=conv_id,
+    user_audio=user,
+    model_audio=model,
+    events=_events(tr, conv_id),
+    frames=frames,
+    frame_turns=frame_turns,
+    meta=dict(tr.get("meta", {})) | {"source_dir": folder.name},
+  )
+  if frame_turns is not None and frame_turns[-1] >= conv.num_turns:
+    raise ConversionError(
+      f"conversation {conv_id!r}: frame at micro-turn {frame_turns[-1]} is past the audio's {conv.num_turns} turns"
+    )
+  conv.labels = {k: np.asarray(v, np.int32) for k, v in tr.get("labels", {}).items()}
+  record.validate(conv)
+  return conv
+
+
+def convert(input_dir, output_dir, split: str = "train", records_per_shard: int = 1024, progress: bool = True) -> dict:
+  """Convert every conversation folder under ``input_dir`` into ``split`` of ``output_dir``; returns counts."""
+  dirs = conversation_dirs(input_dir)
+  stats = {"conversations": len(dirs), "resampled": 0}
+  convs = (load_conversation(d, stats) for d in dirs)
+  if progress:
+    from tqdm import tqdm
+
+    convs = tqdm(convs, total=len(dirs), desc=f"convert {split}", unit="conv")
+  written = shards.write_split(output_dir, split, convs, records_per_shard)
+  stats["shards"] = len(written)
+  return stats
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--input", required=True, help="folder of conversation folders")
+  p.add_argument("--output", required=True, help="dataset directory (manifest.json + shards)")
+  p.add_argument("--split", default="train")
+  p.add_argument("--records-per-shard", type=int, default=1024)
+  args = p.parse_args(argv)
+  try:
+    stats = convert(args.input, args.output, args.split, args.records_per_shard)
+  except (ConversionError, record.RecordError, wav.WavError) as e:
+    raise SystemExit(f"error: {e}") from e
+  print(
+    f"wrote {stats['conversations']} conversations in {stats['shards']} shards to {args.output}; resampled {stats['resampled']} WAVs to 16 kHz"
+  )
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,98 @@
+"""dMel featurizer, Griffin-Lim inverse, WAV io and resampling."""
+
+import numpy as np
+import pytest
+
+from data_pipeline import audio, wav
+from data_pipeline.record import SAMPLE_RATE, SAMPLES_PER_TURN, turn_of
+from data_pipeline.testing import tiny_config, tone
+from interaction import config as config_lib
+
+
+def tiny_audio_spec():
+  c = tiny_config()
+  return next(s for s in config_lib.streams_from_config(c.streams, c.stream_order) if s.kind == "audio")
+
+
+def test_fixed_frames_per_turn_and_silence_value():
+  spec = tiny_audio_spec()
+  cfg = audio.mel_config(spec)
+  assert cfg.hop * spec.slots == SAMPLES_PER_TURN
+  x = np.zeros(7 * SAMPLES_PER_TURN, np.float32)
+  m = audio.log_mel(cfg, x)
+  assert m.shape == (7 * spec.slots, spec.mel_channels) and m.dtype == np.float32
+  np.testing.assert_array_equal(m, audio.silence_value(cfg))
+  assert audio.silence_value(cfg) == pytest.approx(spec.mel_min)
+  assert m.min() >= spec.mel_min and m.max() <= spec.mel_max
+
+
+@pytest.mark.parametrize("t", [0.6, 0.13, 0.79, 1.0, 1.39])
+def test_onset_lands_in_its_micro_turn(t):
+  spec = tiny_audio_spec()
+  cfg = audio.mel_config(spec)
+  x = np.zeros(2 * SAMPLE_RATE, np.float32)
+  a = int(round(t * SAMPLE_RATE))
+  x[a : a + 1600] = tone(0.1)
+  m = audio.log_mel(cfg, x).reshape(-1, spec.slots, spec.mel_channels)
+  loud = np.flatnonzero(m.max(axis=(1, 2)) > spec.mel_min + 1.0)
+  assert loud[0] == turn_of(t) == int(np.floor(round(t * SAMPLE_RATE) / SAMPLES_PER_TURN))
+
+
+def test_window_featurization_equals_whole_stream():
+  """Causal frames: featurizing turns [k, k + n) alone equals slicing the whole conversation's features."""
+  spec = tiny_audio_spec()
+  cfg = audio.mel_config(spec)
+  x = np.random.default_rng(0).normal(0, 0.05, 3 * SAMPLE_RATE).astype(np.float32)
+  whole = audio.log_mel(cfg, x)
+  part = audio.log_mel(cfg, x, start=5 * SAMPLES_PER_TURN, num_frames=4 * spec.slots)
+  np.testing.assert_array_equal(part, whole[5 * spec.slots : 9 * spec.slots])
+
+
+def test_griffin_lim_inverts_log_mel():
+  spec = tiny_audio_spec()
+  cfg = audio.mel_config(spec)
+  x = np.concatenate(
+    [np.zeros(1600, np.float32), tone(0.6, 440.0, 0.1) + tone(0.6, 1500.0, 0.05), np.zeros(1600, np.float32)]
+  )
+  m = audio.log_mel(cfg, x)
+  y = audio.waveform(cfg, m)
+  assert y.shape == (len(m) * cfg.hop,) and y.dtype == np.float32
+  m2 = audio.log_mel(cfg, y)
+  active = m > spec.mel_min + 3.0
+  assert np.abs(m2 - m)[active].mean() < 0.3
+  # Through dMel codes too: the vocoder path the server uses.
+  codes = audio.quantize(m, spec.mel_levels, spec.mel_min, spec.mel_max)
+  assert codes.min() >= 0 and codes.max() < spec.mel_levels
+  back = audio.dequantize(codes, spec.mel_levels, spec.mel_min, spec.mel_max)
+  assert np.abs(back - m).max() <= (spec.mel_max - spec.mel_min) / (spec.mel_levels - 1) / 2 + 1e-5
+  assert np.abs(audio.log_mel(cfg, audio.waveform(cfg, back)) - m)[active].mean() < 0.6
+
+
+def test_slots_must_divide_the_micro_turn():
+  spec = tiny_audio_spec()
+  import dataclasses
+
+  with pytest.raises(ValueError, match="do not divide"):
+    audio.mel_config(dataclasses.replace(spec, slots=7))
+
+
+def test_wav_roundtrip_and_resampling(tmp_path):
+  x = tone(0.5, 1000.0, 0.5)
+  wav.write_wav(tmp_path / "a.wav", x, SAMPLE_RATE)
+  y, rate = wav.read_wav(tmp_path / "a.wav")
+  assert rate == SAMPLE_RATE and np.abs(y - x).max() < 1e-4
+  t = np.arange(22050) / 22050
+  wav.write_wav(tmp_path / "b.wav", 0.5 * np.sin(2 * np.pi * 1000.0 * t), 22050)
+  z, rate = wav.read_wav(tmp_path / "b.wav")
+  r = wav.resample(z, rate, SAMPLE_RATE)
+  assert len(r) == SAMPLE_RATE
+  spectrum = np.abs(np.fft.rfft(r * np.hanning(len(r))))
+  assert abs(np.argmax(spectrum) * SAMPLE_RATE / len(r) - 1000.0) < 2.0
+  # Energy preserved away from the edges, nothing aliased above 8 kHz is possible at 16 kHz.
+  assert np.std(r[1000:-1000]) == pytest.approx(0.5 / np.sqrt(2), rel=0.02)
+
+
+def test_wav_rejects_garbage(tmp_path):
+  (tmp_path / "x.wav").write_bytes(b"not a wav file at all")
+  with pytest.raises(wav.WavError, match="x.wav"):
+    wav.read_wav(tmp_path / "x.wav")

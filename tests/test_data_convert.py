@@ -1,0 +1,129 @@
+"""The folder-of-recordings converter, including real speech from espeak-ng."""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from data_pipeline import convert, pipeline, record, shards, synthetic, wav
+from data_pipeline.record import SAMPLE_RATE
+from data_pipeline.testing import tiny_config
+from interaction import layout, text
+
+
+def write_folder(folder, conv: record.Conversation, rate=SAMPLE_RATE):
+  """The converter's input layout for one conversation (what a recording tool would produce)."""
+  folder.mkdir(parents=True)
+  for name, pcm in (("user.wav", conv.user_audio), ("model.wav", conv.model_audio)):
+    x = pcm.astype(np.float32) / 32768
+    wav.write_wav(folder / name, x if rate == SAMPLE_RATE else wav.resample(x, SAMPLE_RATE, rate), rate)
+  words = {"user": [], "model": []}
+  events = []
+  for e in conv.events:
+    if e.kind in ("user_text", "model_text"):
+      words[e.kind.split("_")[0]].append({"word": e.text.strip(), "start": e.start, "end": e.end})
+    else:
+      events.append({"type": e.kind, "start": e.start, "end": e.end, "text": e.text})
+  labels = {k: v.tolist() for k, v in conv.labels.items()}
+  (folder / "transcript.json").write_text(json.dumps({"id": conv.id, **words, "events": events, "labels": labels}))
+  if conv.frames is not None:
+    (folder / "frames").mkdir()
+    for f, k in zip(conv.frames, conv.frame_turns, strict=True):
+      np.save(folder / "frames" / f"{int(k) * 200:06d}.npy", f)
+
+
+def test_converts_a_folder_exactly(tmp_path):
+  convs = [synthetic.conversation(2, i) for i in (0, 2, 5)]
+  for c in convs:
+    write_folder(tmp_path / "in" / c.id, c)
+  convert.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+  (shard,) = shards.read_split(tmp_path / "out", "train")
+  from array_record.python.array_record_module import ArrayRecordReader
+
+  reader = ArrayRecordReader(str(tmp_path / "out" / shard.file))
+  got = {c.id: c for c in map(record.decode, reader.read_all())}
+  for c in convs:
+    g = got[c.id]
+    np.testing.assert_array_equal(g.user_audio, c.user_audio)
+    np.testing.assert_array_equal(g.frames, c.frames)
+    assert g.events == c.events and g.labels.keys() == c.labels.keys()
+    if c.frames is not None:
+      np.testing.assert_array_equal(g.frame_turns, c.frame_turns)
+    assert g.num_turns == c.num_turns
+
+
+def test_other_sample_rate_is_resampled(tmp_path):
+  conv = synthetic.conversation(2, 0)
+  write_folder(tmp_path / "in" / "a", conv, rate=22050)
+  stats = convert.convert(tmp_path / "in", tmp_path / "out", progress=False)
+  assert stats["resampled"] == 2
+  got = convert.load_conversation(tmp_path / "in" / "a")
+  assert abs(len(got.user_audio) - len(conv.user_audio)) <= 2
+  n = min(len(got.user_audio), len(conv.user_audio))
+  err = got.user_audio[:n].astype(float) - conv.user_audio[:n]
+  assert np.sqrt(np.mean(err**2)) < 0.02 * np.sqrt(np.mean(conv.user_audio.astype(float) ** 2))
+
+
+def test_event_outside_the_audio_is_refused_naming_the_conversation(tmp_path):
+  conv = synthetic.conversation(2, 0)
+  write_folder(tmp_path / "in" / "a", conv)
+  tr = json.loads((tmp_path / "in" / "a" / "transcript.json").read_text())
+  tr["user"].append({"word": "late", "start": conv.duration + 1.0, "end": conv.duration + 1.5})
+  (tmp_path / "in" / "a" / "transcript.json").write_text(json.dumps(tr))
+  with pytest.raises(SystemExit, match=f"conversation '{conv.id}'.*outside its audio"):
+    convert.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+
+
+def espeak(words: str, path):
+  subprocess.run(["espeak-ng", "-s", "170", "-w", str(path), words], check=True, capture_output=True)
+  x, rate = wav.read_wav(path)
+  return wav.resample(x, rate, SAMPLE_RATE)
+
+
+@pytest.mark.skipif(
+  shutil.which("espeak-ng") is None,
+  reason="espeak-ng is not installed (.ci/run installs it: apt-get install -y espeak-ng)",
+)
+def test_real_speech_conversation(tmp_path):
+  """espeak-ng utterances -> a conversation folder at 22.05 kHz -> shards -> batches with speech where the words are."""
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  lines = [("user", "what is the weather like today"), ("model", "it is sunny and warm"), ("user", "thank you")]
+  tracks = {"user": np.zeros(0, np.float32), "model": np.zeros(0, np.float32)}
+  t, spans = 0.3, []
+  for i, (who, words) in enumerate(lines):
+    x = espeak(words, raw / f"{i}.wav")
+    for track in tracks.values():  # both tracks advance together; silence on the other side
+      track.resize(int(t * SAMPLE_RATE), refcheck=False)
+    tracks[who] = np.concatenate([tracks[who], x])
+    spans.append((who, words, t, t + len(x) / SAMPLE_RATE))
+    t += len(x) / SAMPLE_RATE + 0.5
+  conv_dir = tmp_path / "in" / "speech"
+  conv_dir.mkdir(parents=True)
+  n = int(t * SAMPLE_RATE)
+  for who, x in tracks.items():
+    y = np.zeros(n, np.float32)
+    y[: len(x)] = x
+    wav.write_wav(conv_dir / f"{who}.wav", wav.resample(y, SAMPLE_RATE, 22050), 22050)
+  transcript = {"user": [], "model": []}
+  for who, words, a, b in spans:  # utterance-level timing: one "word" per utterance
+    transcript[who].append({"word": words, "start": a, "end": b})
+  (conv_dir / "transcript.json").write_text(json.dumps(transcript))
+  stats = convert.convert(tmp_path / "in", tmp_path / "out", progress=False)
+  assert stats["resampled"] == 2
+  cfg = tiny_config(window_turns=8, batch_size=1)
+  it = pipeline.make_pipeline(cfg, tmp_path / "out", shuffle=False, num_epochs=1, process_index=0, process_count=1)
+  batches = list(it)
+  specs = pipeline.stream_specs(cfg)
+  for b in batches:
+    layout.check_window(specs, b, batch_dims=2, num_turns=8)
+  energy = {k: np.concatenate([b[k][0].mean(axis=(1, 2)) for b in batches]) for k in ("audio_in", "audio_out")}
+  for who, words, a, b in spans:
+    e = energy["audio_in" if who == "user" else "audio_out"]
+    inside = e[record.turn_of(a) + 1 : record.turn_of(b) - 1]
+    assert inside.mean() > e.min() + 3.0, (who, words)
+  assert energy["audio_out"][: record.turn_of(spans[1][2])].max() == pytest.approx(-11.5)
+  text_in = text.decode(np.concatenate([b["text_in"][0] for b in batches]))
+  assert "what is the weather like today" in text_in and "thank you" in text_in

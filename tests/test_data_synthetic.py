@@ -1,0 +1,129 @@
+"""Synthetic task families: deterministic, fast, and their ground truth holds."""
+
+import time
+
+import numpy as np
+import pytest
+
+from data_pipeline import audio, featurize, record, synthetic
+from data_pipeline.synthetic import CUE, DIGITS, TASKS, TRANSLATION, VOCAB, WORD_ID
+from data_pipeline.testing import tiny_config
+from interaction import config as config_lib
+from interaction import text
+
+T = record.SAMPLES_PER_TURN
+
+
+def specs():
+  c = tiny_config()
+  return config_lib.streams_from_config(c.streams, c.stream_order)
+
+
+def of_task(task, count=4, seed=11):
+  i0 = TASKS.index(task)
+  return [synthetic.conversation(seed, i0 + k * len(TASKS)) for k in range(count)]
+
+
+def words(conv, kind):
+  return [(e.start, e.text.strip()) for e in conv.events if e.kind == kind]
+
+
+def test_deterministic_by_seed_and_index():
+  a, b = (record.encode(synthetic.conversation(4, 9)) for _ in range(2))
+  assert a == b
+  assert record.encode(synthetic.conversation(5, 9)) != a
+
+
+def test_thousands_of_conversations_per_minute():
+  t0 = time.perf_counter()
+  for i in range(70):
+    record.encode(synthetic.conversation(0, i))
+  assert 70 / (time.perf_counter() - t0) * 60 > 2000
+
+
+def test_every_word_sounds_different():
+  spec = next(s for s in specs() if s.kind == "audio")
+  cfg = audio.mel_config(spec)
+  sig = np.stack([audio.log_mel(cfg, synthetic.word_sound(w))[1:-1].mean(0) for w in VOCAB])
+  d = np.linalg.norm(sig[:, None] - sig[None], axis=-1) + np.eye(len(VOCAB)) * 1e9
+  assert d.min() > 3.0
+
+
+def test_labels_follow_the_words():
+  for conv in of_task("turn_taking", 2) + of_task("translation", 2):
+    for who in ("user", "model"):
+      for start, w in words(conv, f"{who}_text"):
+        assert conv.labels[f"{who}_word"][record.turn_of(start)] == WORD_ID[w]
+        assert conv.labels[f"{who}_speaking"][record.turn_of(start)] == 1
+
+
+def test_turn_taking_answers_after_the_pause():
+  for conv in of_task("turn_taking"):
+    lab = conv.labels
+    assert not np.any(lab["user_speaking"] & lab["model_speaking"])
+    for cue in np.flatnonzero(lab["cue"] == CUE["user_done"]):
+      onset = cue + np.argmax(lab["model_speaking"][cue:])
+      assert 2 <= onset - cue <= 3  # 0.4 s after the user's last word ends
+
+
+def test_barge_in_model_stops_within_one_micro_turn():
+  for conv in of_task("barge_in"):
+    k = int(np.flatnonzero(conv.labels["cue"] == CUE["barge_in"])[0])
+    tb = int(round(conv.meta["barge_in_time"] * record.SAMPLE_RATE))
+    assert record.turn_of(conv.meta["barge_in_time"]) == k
+    ok_start = max(s for s, w in words(conv, "model_text") if w == "ok")
+    quiet = conv.model_audio[tb + T : int(ok_start * record.SAMPLE_RATE)]
+    assert len(quiet) > 0 and not quiet.any()
+    assert conv.user_audio[tb : tb + 800].any()
+
+
+def test_visual_interjection_object_then_look():
+  for conv in of_task("visual_interjection"):
+    k = conv.meta["appear_turn"]
+    assert conv.labels["cue"][k] == CUE["object"]
+    changed = np.flatnonzero(np.any(conv.frames != conv.frames[0], axis=(1, 2, 3)))
+    assert changed[0] == k and conv.frame_turns[k] == k
+    said = [w for _, w in words(conv, "model_text")]
+    assert said == ["look", *conv.meta["object"].split()]
+    assert conv.labels["model_word"][k + 2] == WORD_ID["look"]
+
+
+def test_translation_lags_and_maps():
+  for conv in of_task("translation"):
+    src, tgt = words(conv, "user_text"), words(conv, "model_text")
+    assert [TRANSLATION[w] for _, w in src] == [w for _, w in tgt]
+    for (s, _), (m, _) in zip(src, tgt, strict=True):
+      assert record.turn_of(m) - record.turn_of(s) >= conv.meta["lag_turns"]
+    assert tgt[0][0] < src[-1][0]  # simultaneous: the model talks while the user goes on
+
+
+def test_time_awareness_says_elapsed_seconds():
+  for conv in of_task("time_awareness"):
+    ev = [e for e in conv.events if e.kind == "user_text"]
+    mark = next(e for e in ev if e.text == "mark ")
+    question_end = max(e.end for e in ev if e.text == "ago ")
+    said = [w for _, w in words(conv, "model_text")]
+    assert said[-1] == "seconds"
+    assert int("".join(str(DIGITS.index(w)) for w in said[:-1])) == round(question_end - mark.start)
+
+
+@pytest.mark.parametrize(
+  "task,call,result", [("tool_use", "tool_call", "tool_result"), ("delegation", "delegate", "background_result")]
+)
+def test_tools_and_delegation(task, call, result):
+  s = specs()
+  for conv in of_task(task):
+    ev = {e.kind: e for e in conv.events if e.kind in (call, result)}
+    answer = conv.meta["answer"]
+    assert ev[result].text.endswith(str(answer))
+    k = record.turn_of(ev[result].start)
+    assert conv.labels["cue"][k] == CUE[result]
+    after = [w for st, w in words(conv, "model_text") if st >= ev[result].start]
+    assert after == [DIGITS[int(c)] for c in str(answer)]
+    w = featurize.window(s, conv, 0, conv.num_turns)
+    tin, tout = text.decode(w["text_in"]), text.decode(w["text_out"])
+    marker = "<tool>" if task == "tool_use" else "<delegate>"
+    assert tout.startswith(marker + ev[call].text) and ev[result].text in tin
+    # The result's first token sits in the micro-turn the result arrives in.
+    opener = text.TOOL_RESULT_START if task == "tool_use" else text.BACKGROUND_RESULT_START
+    assert np.argwhere(w["text_in"] == opener)[0][0] == k
