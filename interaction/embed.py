@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from interaction import sharding
 from interaction.layers import RMSNorm, param
 from interaction.layout import MICRO_TURN_SECONDS
 
@@ -38,7 +39,7 @@ class DMelEmbed(nnx.Module):
   def __call__(self, mel_BNnC):
     codes = dmel_quantize(mel_BNnC, self.levels, self.lo, self.hi)
     channel = jnp.arange(codes.shape[-1])
-    return jnp.sum(self.tables[...][channel, codes], axis=-2)
+    return jnp.sum(sharding.gathered(self.tables[...])[channel, codes], axis=-2)
 
 
 class PatchStem(nnx.Module):
@@ -62,7 +63,7 @@ class PatchStem(nnx.Module):
     x = x.reshape(*lead, 4, s, 4, s, 3).swapaxes(-4, -3).reshape(*lead, 4, 4, s * s * 3)
     x = jax.nn.gelu(self.n1(x @ self.w1[...]))
     x = jax.nn.gelu(self.n2(merge2x2(x) @ self.w2[...]))
-    return merge2x2(x).reshape(*lead, -1) @ self.w3[...]
+    return merge2x2(x).reshape(*lead, -1) @ sharding.gathered(self.w3[...])
 
 
 def merge2x2(x):
@@ -86,4 +87,4 @@ class TimeEmbed(nnx.Module):
 
   def __call__(self, turn):
     # Seconds from an integer count: exact in float32 for any realistic session.
-    return time_features(turn.astype(jnp.float32) * MICRO_TURN_SECONDS, self.num) @ self.proj[...]
+    return time_features(turn.astype(jnp.float32) * MICRO_TURN_SECONDS, self.num) @ sharding.gathered(self.proj[...])

@@ -160,15 +160,17 @@ class InteractionModel(nnx.Module):
   def embed_stream(self, name: str, values, first_slot, turn_BN):
     """Embed ``n`` consecutive slots of one stream: values [B, N, n, ...] -> [B, N, n, D]."""
     spec = self.cfg.spec(name)
+    # Inputs arrive batch-sharded; saying so keeps the partitioner from guessing.
+    values = sharding.constrain(values, ("batch",) + (None,) * (values.ndim - 1))
     if spec.kind == "text":
-      x = self.text_table[...][values]
+      x = sharding.gathered(self.text_table[...])[values]
     else:
       x = self.embedders[name](values)
     n = values.shape[2]
     slot_ids = self.turn.offset(name) + first_slot + jnp.arange(n)
-    x = x.astype(jnp.float32) + self.slot_embed[...][slot_ids].astype(jnp.float32)
+    x = x.astype(jnp.float32) + sharding.gathered(self.slot_embed[...])[slot_ids].astype(jnp.float32)
     x = x + self.time_embed(turn_BN)[:, :, None, :].astype(jnp.float32)
-    return x.astype(jnp.dtype(self.cfg.dtype))
+    return sharding.constrain(x.astype(jnp.dtype(self.cfg.dtype)), ("batch", None, None, "act_embed"))
 
   def embed_block(self, streams, turn_BN, direction: str):
     """All slots of one direction's block, in layout order: [B, N, S_dir, D]."""

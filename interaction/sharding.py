@@ -28,7 +28,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "head_dim": None,
   "mlp": "tensor",
   "expert": "expert",
-  "expert_embed": None,
+  "expert_embed": "fsdp",
   "expert_mlp": "tensor",
   "seq": None,
   "act_embed": None,
@@ -124,6 +124,12 @@ def constrain(x, names):
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh))
+
+
+def gathered(w):
+  """FSDP all-gather of a lookup table before indexing it (gathers from a table
+  sharded on its embedding dim would force a full reshuffle of the result)."""
+  return constrain(w, (None,) * w.ndim)
 
 
 def init_sharded(make_model, mesh):

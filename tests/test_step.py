@@ -1,0 +1,151 @@
+"""The micro-turn step: equals the training forward, compiles once, checks its inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from interaction import layout, objective
+from interaction import step as step_lib
+from tests.helpers import make_model, random_batch, tiny_cfg
+
+TURNS = 16
+
+
+def inputs_at(cfg, streams, t):
+  return {s.name: streams[s.name][:, t] for s in cfg.streams if s.direction == "in"}
+
+
+def run_ticks(step, params, state, cfg, streams, turns, forced=True, rng=None):
+  rng = jax.random.key(1) if rng is None else rng
+  outs = []
+  for t in range(turns):
+    given = {s.name: streams[s.name][:, t] for s in cfg.streams if s.direction == "out"} if forced else None
+    state, out = step(params, state, inputs_at(cfg, streams, t), rng, given)
+    outs.append(jax.tree.map(np.asarray, out))
+  return state, {k: np.stack([o[k] for o in outs], axis=1) for k in outs[0]}
+
+
+def test_teacher_forced_step_equals_training_forward():
+  cfg = tiny_cfg()
+  graphdef, params = make_model(cfg)
+  batch = random_batch(cfg, 2, TURNS, seed=3)
+  ref = jax.jit(lambda p, b: objective.window_outputs(nnx.merge(graphdef, p), b, jax.random.key(0)))(params, batch)
+  step = step_lib.Step(graphdef, cfg)
+  _, got = run_ticks(step, params, step_lib.init_state(cfg, 2, cfg.attention_window), cfg, batch, TURNS)
+  lp_step, lp_train = got["text_out_logprobs"], np.asarray(ref["text_out"])
+  diff = np.abs(lp_step - lp_train).max()
+  bitwise = np.mean(lp_step == lp_train)
+  print(f"\nstep vs forward: max |dlogp| = {diff:.3g}, bitwise equal fraction = {bitwise:.3f}")
+  assert lp_step.shape == (2, TURNS, cfg.spec("text_out").slots)
+  assert diff <= 1e-5
+
+
+def test_free_running_step_is_what_the_forward_would_sample():
+  """Greedy text and flow-sampled mel frames, fed back, are reproduced by the window forward."""
+  cfg = tiny_cfg()
+  graphdef, params = make_model(cfg, seed=1)
+  batch = random_batch(cfg, 2, 8, seed=4)
+  step = step_lib.Step(graphdef, cfg)
+  state = step_lib.init_state(cfg, 2, cfg.attention_window, temperature=0.0)
+  rng = jax.random.key(7)
+  _, got = run_ticks(step, params, state, cfg, batch, 8, forced=False, rng=rng)
+  window = dict(batch, text_out=got["text_out"], audio_out=got["audio_out"])
+  model = nnx.merge(graphdef, params)
+  x = model.embed_window({s.name: window[s.name] for s in cfg.streams}, window["first_turn"], 8)
+  h, _, _ = model.forward(x, model.window_positions(window["first_turn"], 8))
+  h_text = h[:, model.prediction_index("text_out", 8)]
+  np.testing.assert_array_equal(np.argmax(model.text_logits(h_text), -1), got["text_out"])
+  h_audio = h[:, model.prediction_index("audio_out", 8)]
+  index = [s.name for s in model.order].index("audio_out")
+  for t in range(8):
+    # The step donated its state; a fresh one has the same seeds (0, 1).
+    fake = step_lib.init_state(cfg, 2, cfg.attention_window)._replace(turn=jnp.full((2,), t, jnp.int32))
+    for j in range(cfg.spec("audio_out").slots):
+      noise = step_lib.flow_noise(step_lib.slot_keys(rng, fake, index, j), cfg.spec("audio_out").mel_channels)
+      mel = model.flow_heads["audio_out"].sample(h_audio[:, t, j], noise, cfg.flow_steps)
+      np.testing.assert_allclose(got["audio_out"][:, t, j], mel, atol=1e-4)
+
+
+def test_step_compiles_once_over_300_ticks_with_ring_wrap():
+  cfg = tiny_cfg(attention_window=68)
+  graphdef, params = make_model(cfg)
+  capacity = 68  # 4 micro-turns of 17 tokens: 300 ticks wrap the ring 75 times
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+  )
+  step = step_lib.Step(graphdef, cfg)
+  state = step_lib.init_state(cfg, 2, capacity)
+  inputs = [layout.random_streams([s for s in cfg.streams if s.direction == "in"], (2,), seed) for seed in range(3)]
+  state, out = step(params, state, inputs[0], jax.random.key(0))
+  after_first = len(compiles)
+  assert after_first >= 1  # the counter sees the step's own compilation
+  for t in range(1, 300):
+    state, out = step(params, state, inputs[t % 3], jax.random.key(0))
+  jax.block_until_ready(out)
+  print(f"\ncompilations: {after_first} on the first tick, {len(compiles) - after_first} in the next 299")
+  assert len(compiles) == after_first
+  assert step._jitted._cache_size() == 1
+  assert int(state.turn[0]) == 300
+  assert state.cache.pos.max() == 300 * 17 - 1 and state.cache.pos.min() == 300 * 17 - capacity
+
+
+def test_ring_buffer_step_equals_sliding_window_forward():
+  """Past the cache capacity the step still equals a forward with the same window."""
+  cfg = tiny_cfg(attention_window=51)
+  graphdef, params = make_model(cfg)
+  batch = random_batch(cfg, 1, 10, seed=5)
+  ref = jax.jit(lambda p, b: objective.window_outputs(nnx.merge(graphdef, p), b, jax.random.key(0)))(params, batch)
+  step = step_lib.Step(graphdef, cfg)
+  _, got = run_ticks(step, params, step_lib.init_state(cfg, 1, 51), cfg, batch, 10)
+  np.testing.assert_allclose(got["text_out_logprobs"], ref["text_out"], atol=1e-5)
+
+
+def test_reset_slot_restarts_a_session():
+  cfg = tiny_cfg()
+  graphdef, params = make_model(cfg)
+  batch = random_batch(cfg, 2, 3, seed=6)
+  step = step_lib.Step(graphdef, cfg)
+  state, first = run_ticks(step, params, step_lib.init_state(cfg, 2, cfg.attention_window), cfg, batch, 3)
+  state = step_lib.reset_slots(state, np.array([True, False]))
+  assert state.turn.tolist() == [0, 3]
+  _, again = run_ticks(step, params, state, cfg, batch, 1)
+  np.testing.assert_allclose(again["text_out_logprobs"][0, 0], first["text_out_logprobs"][0, 0], atol=1e-6)
+
+
+def test_bad_turn_inputs_raise_before_device_work():
+  cfg = tiny_cfg()
+  graphdef, params = make_model(cfg)
+  step = step_lib.Step(graphdef, cfg)
+  state = step_lib.init_state(cfg, 2, cfg.attention_window)
+  good = layout.random_streams([s for s in cfg.streams if s.direction == "in"], (2,))
+  cases = [
+    (dict(good, audio_in=good["audio_in"][:, :3]), r"'audio_in'.*\[B, 4, 32\].*\[2, 3, 32\]"),
+    (dict(good, video_in=good["video_in"].astype(np.float32)), r"'video_in'.*uint8"),
+    (dict(good, text_in=good["text_in"][:1]), r"'text_in'.*batch 1 != the state's 2 slots"),
+    ({k: v for k, v in good.items() if k != "text_in"}, r"missing stream 'text_in'"),
+    (dict(good, bogus=good["text_in"]), r"unknown streams \['bogus'\]"),
+  ]
+  for bad, pattern in cases:
+    with pytest.raises(ValueError, match=pattern):
+      step(params, state, bad, jax.random.key(0))
+  assert step._jitted._cache_size() == 0
+  with pytest.raises(ValueError, match="smaller than the attention window"):
+    step_lib.init_state(cfg, 2, cfg.attention_window - 1)
+
+
+def test_sampling_settings_are_per_slot_data():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]] * 3))
+  keys = jax.random.split(jax.random.key(0), 3)
+  greedy = step_lib.sample_text(logits, jnp.zeros(3), jnp.ones(3), keys)
+  assert greedy.tolist() == [0, 0, 0]
+  # top_p 0.5 keeps only the top token, so sampling is deterministic even at temperature 1.
+  for seed in range(5):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    assert step_lib.sample_text(logits, jnp.ones(3), jnp.full(3, 0.5), keys).tolist() == [0, 0, 0]
+  counts = np.zeros(3)
+  for seed in range(300):
+    counts[int(step_lib.sample_text(logits[:1], jnp.ones(1), jnp.ones(1), jax.random.key(seed)[None])[0])] += 1
+  np.testing.assert_allclose(counts / 300, [0.5, 0.3, 0.2], atol=0.08)
