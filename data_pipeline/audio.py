@@ -157,7 +157,7 @@ def waveform(cfg: MelConfig, logmel: np.ndarray, iters: int = 32, mel_iters: int
   power = density @ (fb / np.maximum(fb.sum(axis=0, keepdims=True), 1e-9)) + 1e-12
   norm = np.maximum(fb.sum(axis=0), 1e-9)
   for _ in range(mel_iters):
-    power *= ((mel / np.maximum(power @ fb.T, 1e-12)) @ fb) / norm
+    power *= np.einsum("fc,ck->fk", mel / np.maximum(np.einsum("fk,ck->fc", power, fb), 1e-12), fb) / norm
   mag = np.sqrt(np.maximum(power, 0.0) * np.sum(_window(cfg.win) ** 2)).astype(np.float32)
   rng = np.random.default_rng(seed)
   phase = np.exp(2j * np.pi * rng.random(mag.shape)).astype(np.complex64)

@@ -161,23 +161,27 @@ def make_pipeline(
   window_turns: int | None = None,
   num_epochs: int | None = None,
   shuffle: bool = True,
-  workers: int = 0,
-  read_threads: int = 2,
-  bad_records: str = "fail",
+  workers: int | None = None,
+  read_threads: int | None = None,
+  bad_records: str | None = None,
   verify_checksums: bool = True,
 ) -> grain.DatasetIterator:
   """Iterator of batches from ``data_dir``'s ``split`` for an experiment config.
 
-  Batch size, window length and seed default to ``config.data``. ``num_epochs``
+  Batch size, window length, seed and (when present) ``workers``, ``read_threads``
+  and ``bad_records`` default to ``config.data``. ``num_epochs``
   None repeats forever (each epoch reshuffled). ``bad_records`` is ``fail``
   (raise, naming shard and index) or ``skip`` (drop and count in the iterator's
   ``skipped_windows`` / ``skipped_records``, which survive get_state/set_state).
   ``workers`` > 0 featurizes in that many processes. Process index and count
   default to jax's.
   """
+  data = config.data
+  workers = data.get("workers", 0) if workers is None else workers
+  read_threads = data.get("read_threads", 1) if read_threads is None else read_threads
+  bad_records = data.get("bad_records", "fail") if bad_records is None else bad_records
   if bad_records not in POLICIES:
     raise ValueError(f"bad_records must be one of {POLICIES}, got {bad_records!r}")
-  data = config.data
   batch_size = batch_size or data.batch_size
   window_turns = window_turns or data.window_turns
   seed = data.seed if seed is None else seed
@@ -209,7 +213,7 @@ def make_pipeline(
     # grain's worker processes read absl flags; scripts without absl.app never parse them.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=16))
   it = iter(_SkipAndBatch(it_ds, batch_size, load.locate))
   it.windows_per_epoch = len(index)
   it.batches_per_epoch = len(index) // batch_size
