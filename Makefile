@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 demo: $(VENV)/.installed
 	$(PY) -m launch.inspect --config experiments/tiny.py --mesh data=2,expert=4
-	$(PY) -m launch.demo --config experiments/tiny.py
+	$(PY) -m launch.demo --config experiments/tiny.py --workdir workdir/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -30,6 +30,8 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_latency.py
+	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache workdir

@@ -6,6 +6,14 @@ About 2.5M parameters: 4 decoder layers (1 dense, 3 MoE with 8 experts, top-2),
 d_model 128. One micro-turn is 17 tokens: 4 dMel frames of user audio (50 ms
 stride, 32 channels x 16 levels), one 40x40 video patch, 4 text-in bytes, then
 4 text-out bytes and 4 mel frames of the model's speech.
+
+  python -m launch.train --config experiments/tiny.py --workdir /tmp/tiny
+
+trains 400 steps (about 4 minutes on 2 CPU cores, ~4.5k tokens/s) on the
+embedded synthetic tasks. Expect the held-out text cross-entropy to fall from
+~5.6 to below 0.25 nats (a quarter of the 1.05-nat unigram entropy of text_out
+bytes; tests/test_train.py checks it at 200 steps) and the flow-matching loss
+from ~1.3 to below 0.25. A 400-step run reached 0.095 and 0.074.
 """
 
 import ml_collections
@@ -54,6 +62,39 @@ def get_config():
   )
   # Mesh axis sizes; -1 takes the devices left over.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=4, tensor=1))
-  c.data = ml_collections.ConfigDict(dict(window_turns=16, batch_size=8, seed=0))
+  c.data = ml_collections.ConfigDict(
+    dict(
+      dir="",  # empty: generate the embedded synthetic tasks into the workdir
+      synthetic_train=2048,
+      synthetic_eval=64,
+      window_turns=16,
+      batch_size=8,
+      seed=0,
+      workers=0,
+      read_threads=1,
+      bad_records="fail",
+    )
+  )
+  c.train = ml_collections.ConfigDict(
+    dict(
+      steps=400,  # the demo's budget: about 4 minutes on 2 CPU cores
+      lr=3e-3,
+      warmup_steps=50,
+      min_lr_ratio=0.1,
+      weight_decay=0.01,
+      b1=0.9,
+      b2=0.95,
+      clip_norm=1.0,
+      grad_accum=1,
+      aux_weight=0.01,
+      z_weight=1e-3,
+      seed=0,
+      log_every=10,
+      checkpoint_every=100,
+      keep_checkpoints=3,
+      max_bad_steps=5,
+      inject_nan_steps=(),  # fault injection for tests: steps whose batch is poisoned with NaN
+    )
+  )
   c.serve = ml_collections.ConfigDict(dict(slots=8, cache_tokens=512))
   return c

@@ -24,9 +24,13 @@ from interaction.layout import MICRO_TURN_SECONDS
 
 
 def dmel_quantize(mel, levels: int, lo: float, hi: float):
-  """Log-mel values -> integer levels in [0, levels)."""
-  scaled = (mel.astype(jnp.float32) - lo) / (hi - lo) * levels
-  return jnp.clip(jnp.floor(scaled), 0, levels - 1).astype(jnp.int32)
+  """Log-mel values -> the nearest of ``levels`` uniform levels over [lo, hi] (0 .. levels-1).
+
+  The same rule as ``data_pipeline.audio.quantize`` (tested), so codes written
+  by the data tools and codes the model embeds agree.
+  """
+  scaled = (jnp.clip(mel.astype(jnp.float32), lo, hi) - lo) / (hi - lo) * (levels - 1)
+  return jnp.round(scaled).astype(jnp.int32)
 
 
 class DMelEmbed(nnx.Module):

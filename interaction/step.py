@@ -129,7 +129,7 @@ def step_fn(model: InteractionModel, state: StepState, turn_inputs, rng, forced=
       if spec.kind == "text":
         logp_BV = jax.nn.log_softmax(model.text_logits(h_BD), axis=-1)
         value_B = sample_text(logp_BV, state.temperature, state.top_p, keys_B) if given_B is None else given_B
-        score_B = jnp.take_along_axis(logp_BV, value_B[:, None], axis=-1)[:, 0]
+        score_B = (jnp.take_along_axis(logp_BV, value_B[:, None], axis=-1)[:, 0], jnp.argmax(logp_BV, -1))
       else:
         noise = flow_noise(keys_B, spec.mel_channels)
         value_B = model.flow_heads[spec.name].sample(h_BD, noise, cfg.flow_steps) if given_B is None else given_B
@@ -143,7 +143,8 @@ def step_fn(model: InteractionModel, state: StepState, turn_inputs, rng, forced=
     )
     outputs[spec.name] = jnp.swapaxes(values, 0, 1)
     if spec.kind == "text":
-      outputs[spec.name + "_logprobs"] = jnp.swapaxes(scores, 0, 1)
+      outputs[spec.name + "_logprobs"] = jnp.swapaxes(scores[0], 0, 1)
+      outputs[spec.name + "_argmax"] = jnp.swapaxes(scores[1], 0, 1).astype(jnp.int32)
   return state._replace(cache=cache, turn=state.turn + 1), outputs
 
 

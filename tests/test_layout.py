@@ -74,3 +74,17 @@ def test_text_roundtrip_with_specials():
   ids = np.concatenate([[text.TOOL_CALL_START], text.encode("add 2 3"), [text.TOOL_CALL_END, text.PAD]])
   assert text.decode(ids) == "<tool>add 2 3</tool>"
   assert text.decode(text.encode("héllo")) == "héllo"
+
+
+def test_model_dmel_codes_match_the_data_pipeline():
+  from data_pipeline import audio
+  from interaction.embed import dmel_quantize
+
+  spec = tiny_cfg().spec("audio_in")
+  mel = (
+    np.random.default_rng(0).uniform(spec.mel_min - 1, spec.mel_max + 1, (500, spec.mel_channels)).astype(np.float32)
+  )
+  args = (spec.mel_levels, spec.mel_min, spec.mel_max)
+  np.testing.assert_array_equal(np.asarray(dmel_quantize(mel, *args)), audio.quantize(mel, *args))
+  levels = audio.dequantize(np.arange(spec.mel_levels), *args)
+  np.testing.assert_array_equal(np.asarray(dmel_quantize(levels, *args)), np.arange(spec.mel_levels))

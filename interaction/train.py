@@ -1,0 +1,182 @@
+"""The train step and train state: a pure ``(state, batch) -> (state, metrics)``.
+
+Dimension legend: B global batch (windows), A gradient-accumulation microbatches.
+
+The step is jitted once with explicit shardings and the state donated. A step
+whose loss or gradient norm is not finite leaves parameters and optimizer state
+untouched and is counted; the caller stops after ``max_bad_steps`` in a row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from interaction import objective, sharding
+from interaction.config import ModelConfig
+from interaction.model import InteractionModel
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 []: steps taken, skipped ones included
+  params: dict  # pure dict of arrays (nnx.to_pure_dict layout)
+  opt_state: optax.OptState
+  skipped: jax.Array  # int32 []: non-finite steps skipped in total
+  bad_streak: jax.Array  # int32 []: non-finite steps in a row
+
+
+def schedule(tc) -> optax.Schedule:
+  """Linear warmup to ``lr``, cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+  return optax.warmup_cosine_decay_schedule(
+    0.0, tc.lr, max(tc.warmup_steps, 1), max(tc.steps, tc.warmup_steps + 1), tc.lr * tc.min_lr_ratio
+  )
+
+
+def optimizer(tc) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; no weight decay on vectors (norm scales)."""
+  return optax.chain(
+    optax.clip_by_global_norm(tc.clip_norm),
+    optax.adamw(
+      schedule(tc),
+      b1=tc.b1,
+      b2=tc.b2,
+      weight_decay=tc.weight_decay,
+      mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+    ),
+  )
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), mesh)[0]))
+
+
+def model_batch(cfg: ModelConfig, batch) -> dict:
+  """The keys of a pipeline batch that the model reads."""
+  keys = [s.name for s in cfg.streams] + ["first_turn", "turn_mask"]
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise ValueError(f"batch is missing {missing}; it has {sorted(batch)}")
+  return {k: batch[k] for k in keys}
+
+
+def create(cfg: ModelConfig, tc, mesh, seed: int = 0):
+  """Sharded model init and an empty optimizer state.
+
+  Returns ``(graphdef, state, state_shardings)``; shardings are a TrainState tree.
+  """
+  graphdef, params = sharding.init_sharded(lambda: InteractionModel(cfg, rngs=nnx.Rngs(seed)), mesh)
+  params = nnx.to_pure_dict(params)
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  opt = optimizer(tc)
+  replicated = NamedSharding(mesh, P())
+  with jax.set_mesh(mesh):
+    opt_shape = jax.eval_shape(opt.init, params)
+    opt_sh = jax.tree.map(lambda _: replicated, opt_shape)
+    # Moments follow their parameters' sharding; counters stay replicated.
+    opt_sh = _match_param_shardings(opt_shape, params, param_sh, replicated)
+    opt_state = jax.jit(opt.init, out_shardings=opt_sh)(params)
+
+  def zero():  # distinct buffers: the state is donated
+    return jax.device_put(jnp.zeros((), jnp.int32), replicated)
+
+  state = TrainState(zero(), params, opt_state, zero(), zero())
+  shardings = TrainState(replicated, param_sh, opt_sh, replicated, replicated)
+  return graphdef, state, shardings
+
+
+def _match_param_shardings(opt_shape, params, param_sh, replicated):
+  """Sub-trees of the optimizer state shaped like the params get the params' shardings."""
+  params_def = jax.tree.structure(params)
+
+  def visit(node):
+    if jax.tree.structure(node) == params_def:
+      return param_sh
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      return type(node)(*(visit(c) for c in node))
+    if isinstance(node, tuple | list):
+      return type(node)(visit(c) for c in node)
+    return jax.tree.map(lambda _: replicated, node)
+
+  return visit(opt_shape)
+
+
+def abstract_state(state_shapes, shardings):
+  """ShapeDtypeStructs carrying target shardings, to restore a checkpoint onto a mesh."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes, shardings)
+
+
+def make_train_step(graphdef, cfg: ModelConfig, tc, mesh, shardings):
+  """The jitted ``(state, batch) -> (state, metrics)``."""
+  opt = optimizer(tc)
+  lr_at = schedule(tc)
+
+  def loss_fn(params, batch, rng):
+    model = nnx.merge(graphdef, params)
+    losses = objective.losses(
+      model, objective.window_outputs(model, batch, rng), batch, aux_weight=tc.aux_weight, z_weight=tc.z_weight
+    )
+    return losses["total"], losses
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulate(params, batch, rng):
+    if tc.grad_accum == 1:
+      return grad_fn(params, batch, rng)
+    micro = jax.tree.map(lambda x: x.reshape(tc.grad_accum, x.shape[0] // tc.grad_accum, *x.shape[1:]), batch)
+
+    def body(acc, xs):
+      i, mb = xs
+      (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, acc, ((loss, aux), grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(tc.grad_accum), micro))
+    return jax.tree.map(lambda x: x / tc.grad_accum, total)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.key(tc.seed), state.step)
+    (loss, aux), grads = accumulate(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = opt.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    def keep_if_bad(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = TrainState(
+      step=state.step + 1,
+      params=keep_if_bad(new_params, state.params),
+      opt_state=keep_if_bad(new_opt, state.opt_state),
+      skipped=state.skipped + (~finite).astype(jnp.int32),
+      bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+    )
+    metrics = dict(aux, grad_norm=grad_norm, lr=lr_at(state.step), finite=finite)
+    return new_state, metrics
+
+  jitted = jax.jit(
+    train_step,
+    in_shardings=(shardings, batch_sharding(mesh)),
+    out_shardings=(shardings, NamedSharding(mesh, P())),
+    donate_argnums=(0,),
+  )
+
+  def run(state, batch):
+    # The MoE reads the ambient mesh when the step is traced.
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
+  run.jitted = jitted
+  return run
+
+
+def global_batch(batch, mesh):
+  """This process's share of the batch -> global arrays sharded over the batch axes."""
+  bsh = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(bsh, x), batch)

@@ -1,0 +1,189 @@
+"""The training job: data, sharded state, the jitted step, checkpoints, metrics.
+
+``run(config, workdir)`` is what ``python -m launch.train`` calls. It resumes
+from the newest committed checkpoint in ``workdir`` (train state and data
+iterator state together), so an interrupted run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from interaction import checkpoint, metrics, objective, sharding, train
+from interaction import config as config_lib
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite steps in a row."""
+
+
+def log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
+  """The dataset directory; with none configured, the embedded synthetic tasks in the workdir."""
+  from data_pipeline import synthetic
+
+  if config.data.get("dir"):
+    data_dir = pathlib.Path(config.data.dir)
+    if not (data_dir / "manifest.json").exists():
+      raise FileNotFoundError(f"--config.data.dir={data_dir} has no manifest.json; convert data into it first")
+    return data_dir
+  data_dir = workdir / "data"
+  if not (data_dir / "manifest.json").exists():
+    log(f"generating the embedded synthetic dataset into {data_dir}")
+    for split, count in (("train", config.data.synthetic_train), ("eval", config.data.synthetic_eval)):
+      synthetic.generate(data_dir, split, count, seed=config.data.seed + (split == "eval"), progress=True)
+  return data_dir
+
+
+def make_eval_loss(graphdef, cfg, tc, mesh):
+  """Jitted losses of a batch, sharded like training (no gradient)."""
+
+  def f(params, batch):
+    model = nnx.merge(graphdef, params)
+    out = objective.window_outputs(model, batch, jax.random.key(tc.seed + 1))
+    losses = objective.losses(model, out, batch, aux_weight=tc.aux_weight, z_weight=tc.z_weight)
+    return {k: v for k, v in losses.items() if k != "expert_load"}
+
+  jitted = jax.jit(f, in_shardings=(None, train.batch_sharding(mesh)))
+
+  def run(params, batch):
+    with jax.set_mesh(mesh):
+      return jitted(params, batch)
+
+  return run
+
+
+def evaluate(config, data_dir, params, eval_loss, cfg, mesh, max_batches: int | None = None) -> dict:
+  """Mean held-out losses over the eval split, weighted by real micro-turns."""
+  from data_pipeline.pipeline import make_pipeline
+
+  it = make_pipeline(config, data_dir, split="eval", num_epochs=1, shuffle=False)
+  totals, weight = {}, 0.0
+  for i, batch in enumerate(it):
+    if max_batches is not None and i >= max_batches:
+      break
+    w = float(np.sum(batch["turn_mask"]))
+    if w == 0:
+      continue
+    out = jax.device_get(eval_loss(params, train.global_batch(train.model_batch(cfg, batch), mesh)))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v) * w
+    weight += w
+  it.close()
+  return {k: v / max(weight, 1.0) for k, v in totals.items()}
+
+
+def restore_or_init(config, cfg, tc, mesh, ckpt: checkpoint.Checkpointer, resume: bool):
+  graphdef, state, shardings = train.create(cfg, tc, mesh, seed=tc.seed)
+  step = ckpt.latest_step() if resume else None
+  if step is None:
+    return graphdef, state, shardings, None, 0
+  target = train.abstract_state(jax.eval_shape(lambda s: s, state), shardings)
+  restored, data_state, _ = ckpt.restore(step, target._asdict())
+  log(f"resumed from step {step} ({ckpt.directory})")
+  return graphdef, train.TrainState(**restored), shardings, data_state, step
+
+
+def run(config, workdir, *, resume: bool = True, progress: bool = True) -> dict:
+  """Train ``config`` in ``workdir``; returns a summary (final step, losses, eval)."""
+  from data_pipeline.pipeline import make_pipeline
+
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  cfg, tc = config_lib.model_config(config), config.train
+  mesh = sharding.make_mesh(dict(config.mesh))
+  (workdir / "config.json").write_text(config.to_json(indent=1))
+  data_dir = prepare_data(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
+  graphdef, state, shardings, data_state, start = restore_or_init(config, cfg, tc, mesh, ckpt, resume)
+  it = make_pipeline(config, data_dir, split="train")
+  if data_state:
+    it.set_state(data_state)
+  step_fn = train.make_train_step(graphdef, cfg, tc, mesh, shardings)
+  writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  peak = metrics.measure_matmul_peak()
+  window_flops = metrics.train_flops_per_window(cfg, config.data.window_turns)
+  tokens_per_batch = config.data.batch_size * config.data.window_turns * sum(s.slots for s in cfg.streams)
+  meta = {"config": json.loads(config.to_json()), "mesh": dict(mesh.shape)}
+  log(f"mesh {dict(mesh.shape)}; matmul peak {peak / 1e9:.1f} GFLOP/s; training steps {start}..{tc.steps}")
+  bar = _progress(start, tc.steps, progress)
+  last_losses, t_last, steps_since = {}, time.perf_counter(), 0
+  for step in range(start, tc.steps):
+    batch = train.model_batch(cfg, next(it))
+    if step in tuple(tc.get("inject_nan_steps", ())):
+      batch = dict(batch, audio_out=np.full_like(batch["audio_out"], np.nan))
+    state, m = step_fn(state, train.global_batch(batch, mesh))
+    steps_since += 1
+    done = step + 1
+    if done % tc.log_every == 0 or done == tc.steps:
+      m = jax.device_get(m)
+      elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
+      rate = steps_since / elapsed
+      steps_since = 0
+      last_losses = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
+      row = dict(m, tokens_per_sec=rate * tokens_per_batch, mfu=rate * window_flops * config.data.batch_size / peak)
+      row["skipped_steps"] = int(state.skipped)
+      writer.write(done, row)
+      bar.update(done, last_losses.get("total", float("nan")), row["tokens_per_sec"])
+    if int(state.bad_streak) >= tc.max_bad_steps:
+      bar.close()
+      raise NonFiniteError(
+        f"step {done}: {int(state.bad_streak)} non-finite steps in a row (loss or gradient NaN/Inf); "
+        f"stopping. The last committed checkpoint is step {ckpt.latest_step()}"
+      )
+    if done % tc.checkpoint_every == 0 or done == tc.steps:
+      ckpt.save(done, state._asdict(), it.get_state(), meta)
+      log(f"checkpoint: saving step {done} (async)")
+  bar.close()
+  ckpt.wait()
+  eval_losses = evaluate(config, data_dir, state.params, make_eval_loss(graphdef, cfg, tc, mesh), cfg, mesh)
+  writer.write(tc.steps, {f"eval/{k}": v for k, v in eval_losses.items()})
+  writer.close()
+  ckpt.close()
+  it.close()
+  summary = {
+    "step": int(state.step),
+    "skipped": int(state.skipped),
+    "params_sha256": checkpoint.tree_digest(state.params),
+    "train": last_losses,
+    "eval": eval_losses,
+  }
+  log("summary " + json.dumps(summary))
+  return summary
+
+
+class _progress:
+  """A tqdm bar with loss and tokens/s, or plain log lines when stdout is not a terminal."""
+
+  def __init__(self, start, total, enabled):
+    self.enabled, self.tty = enabled, sys.stdout.isatty()
+    self.bar = None
+    if enabled and self.tty:
+      from tqdm import tqdm
+
+      self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    self.pos, self.t0, self.start, self.total = start, time.perf_counter(), start, total
+
+  def update(self, step, loss, tokens_per_sec):
+    if self.bar is not None:
+      self.bar.update(step - self.pos)
+      self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+    elif self.enabled:
+      rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+      eta = (self.total - step) / max(rate, 1e-9)
+      log(f"step {step}/{self.total} loss {loss:.4f} tokens/s {tokens_per_sec:,.0f} eta {eta:.0f}s")
+    self.pos = step
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
