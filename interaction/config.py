@@ -39,6 +39,8 @@ class ModelConfig:
   expert_ffn_dim: int = 128
   num_shared_experts: int = 0
   router_scoring: str = "softmax"
+  # Renormalize the top-k routing weights to sum to 1 (Mixtral: yes; Qwen3-MoE: its norm_topk_prob).
+  normalize_top_k: bool = True
   gmm_impl: str = "auto"
   gmm_tile: int = 256
   # Embedders and heads.

@@ -155,7 +155,7 @@ class MoE(nnx.Module):
       else None
     )
     self.k, self.scoring, self.num_experts = cfg.experts_per_token, cfg.router_scoring, e
-    self.normalize = getattr(cfg, "normalize_top_k", True)
+    self.normalize = cfg.normalize_top_k
     self.impl, self.tile, self.dtype = cfg.gmm_impl, cfg.gmm_tile, jnp.dtype(cfg.dtype)
 
   def __call__(self, x_BTD):

@@ -199,3 +199,9 @@ def test_tiny_learns_the_synthetic_tasks_within_the_demo_budget(tmp_path):
   print(f"\nheld-out after {LEARNING_STEPS} steps: {summary['eval']}")
   assert summary["eval"]["text_ce"] < TEXT_CE_THRESHOLD
   assert summary["eval"]["flow"] < FLOW_THRESHOLD
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(3, 23))
+def test_crash_consistency_many_random_kills(trial, tmp_path, data_dir, reference):
+  test_sigkill_during_async_save_then_resume_is_exact(trial, tmp_path, data_dir, reference)
