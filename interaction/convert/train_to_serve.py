@@ -1,0 +1,122 @@
+"""Trainer checkpoint -> serve layout, one array at a time.
+
+Reads the parameters of one committed step of an orbax trainer checkpoint leaf
+by leaf (orbax partial restore into host numpy), never the optimizer state,
+casts each to the serving dtype in bounded chunks and streams it into a serve
+checkpoint. Peak host memory is about one array plus one chunk
+(``benchmarks/convert_memory.py`` measures it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from interaction import config as config_lib
+from interaction import serve_checkpoint
+from interaction.convert import params as params_lib
+from interaction.convert.paths import check_tree, confined
+
+_CHUNK_BYTES = 32 << 20
+
+
+def checkpoints_dir(src) -> pathlib.Path:
+  """A trainer workdir (with ``checkpoints/``) or its checkpoints directory."""
+  src = pathlib.Path(src)
+  return src / "checkpoints" if (src / "checkpoints").is_dir() else src
+
+
+def committed_steps(src) -> list[int]:
+  # Orbax renames a step's temporary directory to its bare number when the save is complete.
+  root = checkpoints_dir(src)
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+
+
+def step_dir(src, step: int | None) -> pathlib.Path:
+  steps = committed_steps(src)
+  if not steps:
+    raise FileNotFoundError(f"{src}: no committed checkpoint steps")
+  if step is None:
+    step = steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"{src}: no committed step {step}; have {steps}")
+  return confined(checkpoints_dir(src), str(step), what="step")
+
+
+def model_config_of(step_path) -> tuple[config_lib.ModelConfig, dict]:
+  """The model config and metadata a trainer saved with a step."""
+  meta_file = confined(step_path, "meta/metadata", what="checkpoint metadata")
+  meta = json.loads(meta_file.read_text())
+  if "config" not in meta:
+    raise ValueError(f"{meta_file}: no experiment config in the checkpoint metadata")
+  return config_lib.model_config(ml_collections.ConfigDict(meta["config"])), meta
+
+
+class OrbaxParamReader:
+  """One parameter at a time from a step's ``state`` item, as host numpy."""
+
+  def __init__(self, step_path):
+    self.directory = pathlib.Path(step_path) / "state"
+    self.ckptr = ocp.PyTreeCheckpointer()
+    tree = self.ckptr.metadata(self.directory).item_metadata
+    if "params" not in tree:
+      raise ValueError(f"{self.directory}: no 'params' in the checkpoint state")
+    flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
+    self.leaves = {params_lib.name_of(p): (tuple(str(getattr(k, "key", k)) for k in p), m) for p, m in flat}
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.leaves[name][1].shape)
+
+  def read(self, name: str) -> np.ndarray:
+    keys, _ = self.leaves[name]
+    item, args = {}, {}
+    node_i, node_a = item, args
+    for k in keys[:-1]:
+      node_i = node_i.setdefault(k, {})
+      node_a = node_a.setdefault(k, {})
+    node_i[keys[-1]] = 0
+    node_a[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+    out = self.ckptr.restore(
+      self.directory,
+      args=ocp.args.PyTreeRestore(item={"params": item}, restore_args={"params": args}, partial_restore=True),
+    )["params"]
+    for k in keys:
+      out = out[k]
+    return np.asarray(out)
+
+
+def convert(src, dst, *, step: int | None = None, dtype: str | None = None, mesh_hint: dict | None = None) -> dict:
+  """Write the params of trainer checkpoint ``src`` (latest or ``step``) as a serve checkpoint at ``dst``."""
+  path = step_dir(src, step)
+  check_tree(path)
+  cfg, _ = model_config_of(path)
+  cfg = cfg if dtype is None else dataclasses.replace(cfg, param_dtype=dtype)
+  serve_checkpoint.dtype_of(cfg.param_dtype)
+  infos = params_lib.param_infos(cfg)
+  reader = OrbaxParamReader(path)
+  missing, extra = sorted(set(infos) - set(reader.leaves)), sorted(set(reader.leaves) - set(infos))
+  if missing or extra:
+    raise ValueError(f"{path}: checkpoint params do not match its config: missing {missing}, unexpected {extra}")
+  for name, info in infos.items():
+    if reader.shape(name) != info.shape:
+      raise ValueError(f"{path}: {name!r} has shape {reader.shape(name)}, its config says {info.shape}")
+  source = {"kind": "train", "checkpoint": str(path.resolve()), "step": int(path.name)}
+  writer = serve_checkpoint.Writer(dst, cfg, mesh_hint=mesh_hint, extra={"source": source})
+  largest = 0
+  for name, info in infos.items():
+    array = reader.read(name)
+    largest = max(largest, array.nbytes)
+    with writer.stream(name, info.shape, info.dtype) as sink:
+      flat = array.reshape(-1)
+      step_elems = max(1, _CHUNK_BYTES // max(array.itemsize, 1))
+      for i in range(0, flat.size, step_elems):
+        sink.write(flat[i : i + step_elems].astype(info.dtype, copy=False))
+    del array, flat
+  manifest = writer.finish()
+  return {"step": int(path.name), "arrays": len(manifest["arrays"]), "largest_source_bytes": largest}
