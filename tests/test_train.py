@@ -117,21 +117,21 @@ def test_sigkill_during_async_save_then_resume_is_exact(trial, tmp_path, data_di
   assert summary_of(stdout)["params_sha256"] == ref_summary["params_sha256"]
 
 
-def small_setup(devices):
+def small_training(seed: int):
+  """A 2-layer tiny model's train state and step on the (data=2, expert=4) mesh, and a random batch."""
   config = tiny.get_config()
   config.model.num_layers = 2
   cfg = config_lib.model_config(config)
-  return config, cfg
+  mesh = sharding.make_mesh({"data": 2, "expert": 4})
+  graphdef, state, shardings = train.create(cfg, config.train, mesh)
+  step = train.make_train_step(graphdef, cfg, config.train, mesh, shardings)
+  batch = random_batch(cfg, 8, 4, seed=seed)
+  batch["turn_mask"] = np.ones((8, 4), np.float32)
+  return cfg, config.train, mesh, state, step, batch
 
 
 def test_restore_on_another_mesh_is_bitwise(tmp_path):
-  config, cfg = small_setup(None)
-  tc = config.train
-  mesh8 = sharding.make_mesh({"data": 2, "expert": 4})
-  graphdef, state, shardings = train.create(cfg, tc, mesh8)
-  step = train.make_train_step(graphdef, cfg, tc, mesh8, shardings)
-  batch = random_batch(cfg, 8, 4, seed=1)
-  batch["turn_mask"] = np.ones((8, 4), np.float32)
+  cfg, tc, mesh8, state, step, batch = small_training(seed=1)
   for _ in range(2):
     state, _ = step(state, train.global_batch(batch, mesh8))
   ckpt = checkpoint.Checkpointer(tmp_path)
@@ -150,14 +150,8 @@ def test_restore_on_another_mesh_is_bitwise(tmp_path):
   ckpt.close()
 
 
-def test_nonfinite_step_leaves_state_bitwise_unchanged_and_is_counted():
-  config, cfg = small_setup(None)
-  tc = config.train
-  mesh = sharding.make_mesh({"data": 2, "expert": 4})
-  graphdef, state, shardings = train.create(cfg, tc, mesh)
-  step = train.make_train_step(graphdef, cfg, tc, mesh, shardings)
-  batch = random_batch(cfg, 8, 4, seed=2)
-  batch["turn_mask"] = np.ones((8, 4), np.float32)
+def test_nonfinite_step_leaves_state_bitwise_unchanged_and_is_counted(tmp_path):
+  _, _, mesh, state, step, batch = small_training(seed=2)
   state, m = step(state, train.global_batch(batch, mesh))
   assert bool(m["finite"])
   before = checkpoint.tree_digest((state.params, state.opt_state))
@@ -170,7 +164,7 @@ def test_nonfinite_step_leaves_state_bitwise_unchanged_and_is_counted():
   assert bool(m["finite"]) and int(state.bad_streak) == 0 and int(state.skipped) == 1
   with pytest.raises(checkpoint.NonFiniteCheckpointError, match="step 7"):
     bad = state._replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
-    checkpoint.Checkpointer(pathlib.Path("/tmp") / f"never-{os.getpid()}").save(7, bad._asdict(), {}, {})
+    checkpoint.Checkpointer(tmp_path).save(7, bad._asdict(), {}, {})
 
 
 def test_too_many_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, data_dir):
