@@ -10,7 +10,9 @@ training. Every shape is static, so it compiles once and runs for any number of
 ticks; the cache is a ring buffer, so memory is constant in session length.
 
 Sampling is per slot and data: ``temperature`` (0 = greedy), ``top_p`` and
-``seed`` live in the state. A slot's randomness depends only on its seed, its
+``seed`` live in the state, and so does ``active``: an idle slot (no session)
+is still computed, since shapes are static, but its micro-turn does not advance
+and its outputs are silence (PAD text, the lowest mel value). A slot's randomness depends only on its seed, its
 micro-turn index and the ``rng`` argument, never on which batch slot it sits in.
 """
 
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from interaction import layout
+from interaction import layout, text
 from interaction.config import ModelConfig
 from interaction.model import InteractionModel, KVCache, init_cache
 
@@ -34,6 +36,7 @@ class StepState(NamedTuple):
   temperature: jax.Array  # [B] float32, 0 = greedy
   top_p: jax.Array  # [B] float32 in (0, 1]
   seed: jax.Array  # [B] uint32
+  active: jax.Array  # [B] bool: False for an idle slot
 
 
 def init_state(cfg: ModelConfig, slots: int, cache_tokens: int, *, temperature=1.0, top_p=1.0) -> StepState:
@@ -45,6 +48,7 @@ def init_state(cfg: ModelConfig, slots: int, cache_tokens: int, *, temperature=1
     temperature=jnp.full((slots,), temperature, jnp.float32),
     top_p=jnp.full((slots,), top_p, jnp.float32),
     seed=jnp.arange(slots, dtype=jnp.uint32),
+    active=jnp.ones((slots,), bool),
   )
 
 
@@ -58,7 +62,7 @@ def check_capacity(cfg: ModelConfig, cache_tokens: int) -> None:
     raise ValueError(f"cache_tokens={cache_tokens} must hold at least one micro-turn")
 
 
-def reset_slots(state: StepState, mask_B, *, seed_B=None, temperature_B=None, top_p_B=None) -> StepState:
+def reset_slots(state: StepState, mask_B, *, seed_B=None, temperature_B=None, top_p_B=None, active_B=None) -> StepState:
   """Empty the caches of the slots in ``mask_B`` and restart them at micro-turn 0."""
   mask_B = jnp.asarray(mask_B, bool)
   cache = state.cache._replace(pos=jnp.where(mask_B[:, None], -1, state.cache.pos))
@@ -72,6 +76,7 @@ def reset_slots(state: StepState, mask_B, *, seed_B=None, temperature_B=None, to
     temperature=pick(temperature_B, state.temperature),
     top_p=pick(top_p_B, state.top_p),
     seed=pick(seed_B, state.seed),
+    active=pick(active_B, state.active),
   )
 
 
@@ -145,7 +150,22 @@ def step_fn(model: InteractionModel, state: StepState, turn_inputs, rng, forced=
     if spec.kind == "text":
       outputs[spec.name + "_logprobs"] = jnp.swapaxes(scores[0], 0, 1)
       outputs[spec.name + "_argmax"] = jnp.swapaxes(scores[1], 0, 1).astype(jnp.int32)
-  return state._replace(cache=cache, turn=state.turn + 1), outputs
+  return state._replace(cache=cache, turn=state.turn + state.active.astype(jnp.int32)), mask_idle(model, state, outputs)
+
+
+def mask_idle(model: InteractionModel, state: StepState, outputs):
+  """Silence for idle slots, so nothing downstream mistakes their values for speech."""
+  active_B = state.active
+  masked = {}
+  for name, value in outputs.items():
+    spec = model.cfg.spec(name) if name in {s.name for s in model.cfg.streams} else None
+    if spec is None:  # logprobs / argmax of a text stream: leave as computed
+      masked[name] = value
+      continue
+    silent = text.PAD if spec.kind == "text" else spec.mel_min
+    keep = active_B.reshape((-1,) + (1,) * (value.ndim - 1))
+    masked[name] = jnp.where(keep, value, jnp.asarray(silent, value.dtype))
+  return masked
 
 
 class Step:
