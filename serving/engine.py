@@ -1,0 +1,217 @@
+"""The sessions engine: live sessions in the fixed slots of the one jitted step.
+
+Dimension legend: B slots (the step's batch), n slots of one stream per micro-turn.
+
+A session ``join``s into a free slot (its cache emptied, its micro-turn reset to
+0, its sampling settings written into the state) and ``leave``s it (the slot goes
+idle: still computed, since shapes are static, but frozen and silent). Joining
+and leaving are one small jitted update of the state, so nothing recompiles.
+Each ``tick`` runs the step once over all slots. The KV cache persists across
+ticks in a ring buffer of ``cache_tokens``, so a session never re-reads its
+history and memory does not grow with session length.
+
+Tool calls and delegations found in a session's ``text_out`` go to the tool
+runtime and the background worker; their results enter the session's
+``text_in`` at the next micro-turns whose slots the caller left free (PAD).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from interaction import step as step_lib
+from interaction import text
+from serving.background import silent_inputs
+from serving.calls import Call, MarkerParser
+
+CONTEXT_TOKENS = 8192  # text tokens of a session's context kept for the background model
+CALL_LOG = 1024  # calls remembered per session (bounded: memory stays constant in session length)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """Per-session sampling settings (data in the step state: changing them never recompiles)."""
+
+  temperature: float = 0.0  # 0 = greedy
+  top_p: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if not 0 <= self.seed < 2**32:
+      raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+  id: int
+  slot: int
+  sampling: Sampling
+  turn: int = 0  # micro-turns ticked so far
+  # The last CALL_LOG tool calls and delegations, in order; open ones also sit in ``open_calls``.
+  calls: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=CALL_LOG))
+  open_calls: list[Call] = dataclasses.field(default_factory=list)
+  pending: collections.deque = dataclasses.field(default_factory=collections.deque)  # tokens waiting for text_in
+  context: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=CONTEXT_TOKENS))
+  parser: MarkerParser = dataclasses.field(default_factory=MarkerParser)
+
+  def context_text(self) -> str:
+    return text.decode(np.fromiter(self.context, np.int32, len(self.context)))
+
+
+class EngineFullError(RuntimeError):
+  """Every slot holds a session."""
+
+
+@jax.jit
+def _set_slot(state, mask_B, seed, temperature, top_p, active):
+  # Resets the slot even on leave, so an idle slot holds no trace of its last session.
+  return step_lib.reset_slots(state, mask_B, seed_B=seed, temperature_B=temperature, top_p_B=top_p, active_B=active)
+
+
+class Engine:
+  """``slots`` sessions served by one compiled step; see the module docstring."""
+
+  def __init__(
+    self, cfg, graphdef, params, *, slots: int, cache_tokens: int, tools=None, background=None, rng_seed: int = 0
+  ):
+    if slots < 1:
+      raise ValueError(f"slots must be >= 1, got {slots}")
+    self.cfg, self.params, self.slots = cfg, params, slots
+    self.step = step_lib.Step(graphdef, cfg)
+    self.state = step_lib.init_state(cfg, slots, cache_tokens)._replace(active=jnp.zeros((slots,), bool))
+    self.rng = jax.random.key(rng_seed)
+    self.tools, self.background = tools, background
+    self.sessions: dict[int, Session] = {}
+    self._ids = itertools.count()
+    self.in_specs = [s for s in cfg.streams if s.direction == "in"]
+    text_in = [s for s in self.in_specs if s.kind == "text"]
+    text_out = [s for s in cfg.streams if s.direction == "out" and s.kind == "text"]
+    self.text_in = text_in[0].name if text_in else None
+    self.text_out = text_out[0].name if text_out else None
+
+  @classmethod
+  def from_loaded(cls, loaded, *, slots: int, **kw) -> Engine:
+    """An engine over a ``serving.load.load_params`` result."""
+    kw.setdefault("cache_tokens", loaded.cache_tokens)
+    return cls(loaded.cfg, loaded.graphdef, loaded.params, slots=slots, **kw)
+
+  # -- sessions -----------------------------------------------------------------
+
+  def _update_slot(self, slot: int, sampling: Sampling, active: bool) -> None:
+    mask = np.arange(self.slots) == slot
+    self.state = _set_slot(
+      self.state,
+      mask,
+      np.uint32(sampling.seed),
+      np.float32(sampling.temperature),
+      np.float32(sampling.top_p),
+      np.bool_(active),
+    )
+
+  def join(self, sampling: Sampling = Sampling()) -> Session:
+    """A new session in the lowest free slot, with an empty cache at micro-turn 0."""
+    used = {s.slot for s in self.sessions.values()}
+    free = [i for i in range(self.slots) if i not in used]
+    if not free:
+      raise EngineFullError(f"all {self.slots} slots hold a session")
+    session = Session(next(self._ids), free[0], sampling)
+    self._update_slot(session.slot, sampling, True)
+    self.sessions[session.id] = session
+    return session
+
+  def leave(self, session: Session | int) -> None:
+    """Free the session's slot; its pending calls are dropped."""
+    sid = session if isinstance(session, int) else session.id
+    if sid not in self.sessions:
+      raise KeyError(f"no live session {sid}")
+    session = self.sessions.pop(sid)
+    for call in session.open_calls:
+      call.cancel()
+    self._update_slot(session.slot, Sampling(), False)
+
+  # -- ticks --------------------------------------------------------------------
+
+  def _inputs(self, inputs: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    unknown = sorted(set(inputs) - set(self.sessions))
+    if unknown:
+      raise KeyError(f"inputs for sessions {unknown} that are not live; live sessions are {sorted(self.sessions)}")
+    batch = silent_inputs(self.cfg, self.slots)
+    for sid, session in self.sessions.items():
+      given = inputs.get(sid, {})
+      extra = sorted(set(given) - {s.name for s in self.in_specs})
+      if extra:
+        raise ValueError(f"session {sid}: unknown input streams {extra}; inputs are {[s.name for s in self.in_specs]}")
+      for spec in self.in_specs:
+        if spec.name in given:
+          value = np.asarray(given[spec.name])
+          if value.shape != (spec.slots, *spec.value_shape):
+            raise ValueError(
+              f"session {sid}: stream {spec.name!r} expects shape {(spec.slots, *spec.value_shape)}, got {value.shape}"
+            )
+          batch[spec.name][session.slot] = value
+      if self.text_in is not None:
+        self._fill_free_slots(session, batch[self.text_in][session.slot])
+    return batch
+
+  def _fill_free_slots(self, session: Session, row_n: np.ndarray) -> None:
+    """Deliver ready call results into the PAD slots of this micro-turn's text_in, in order."""
+    for call in session.open_calls:
+      source = self.tools if call.kind == "tool" else self.background
+      if (tokens := call.take(session.turn, getattr(source, "hold_ticks", 0))) is not None:
+        session.pending.extend(tokens.tolist())
+    session.open_calls = [c for c in session.open_calls if not c.closed]
+    for i in np.flatnonzero(row_n == text.PAD):
+      if not session.pending:
+        break
+      row_n[i] = session.pending.popleft()
+
+  def tick(self, inputs: Mapping[int, Mapping[str, np.ndarray]] | None = None) -> dict[int, dict[str, np.ndarray]]:
+    """One micro-turn for every live session; missing streams are silence.
+
+    ``inputs`` maps session ids to ``{stream: [slots, ...]}``. Returns per session
+    its outputs (``text_out``, ``audio_out``, ``text_out_logprobs``, ...) and the
+    ``text_in`` it was actually fed (call results included).
+    """
+    batch = self._inputs(inputs or {})
+    self.state, out = self.step(self.params, self.state, batch, self.rng)
+    out = jax.device_get(out)
+    results = {}
+    for sid, session in self.sessions.items():
+      mine = {k: v[session.slot] for k, v in out.items()}
+      if self.text_in is not None:
+        mine[self.text_in] = batch[self.text_in][session.slot]
+        session.context.extend(mine[self.text_in][mine[self.text_in] != text.PAD].tolist())
+      if self.text_out is not None:
+        said = mine[self.text_out]
+        session.context.extend(said[said != text.PAD].tolist())
+        for kind, request in session.parser.feed(said):
+          self._submit(session, kind, request)
+      session.turn += 1
+      results[sid] = mine
+    return results
+
+  def _submit(self, session: Session, kind: str, request: str) -> None:
+    source = self.tools if kind == "tool" else self.background
+    if source is None:
+      call = Call(session.id, kind, request, session.turn, 0.0)
+      call.finish(f"no {'tool runtime' if kind == 'tool' else 'background model'} in this engine")
+    else:
+      call = source.submit(session.id, request, session.turn, session.context_text())
+    session.calls.append(call)
+    session.open_calls.append(call)
+
+  def close(self) -> None:
+    for source in (self.tools, self.background):
+      if source is not None:
+        source.close()

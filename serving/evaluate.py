@@ -1,0 +1,251 @@
+r"""Evaluation job: stream held-out conversations through the engine and score interaction behaviour.
+
+  python -m serving.evaluate --checkpoint /tmp/wd2 --data /tmp/wd2/data [--slots 32] [--output DIR]
+                             [--require-targets] [--temperature 0] [--max-conversations N]
+
+Each conversation joins the engine as a session and receives its user audio,
+video and user text one 200 ms micro-turn per tick (no look-ahead); everything
+it says is its own (free running, nothing teacher-forced). Tool calls run in
+the tool runtime (built-in calculator) and delegations in the background
+worker; their results reach the model only through the runtime. Tool and
+background results are held for ``--tool-latency`` / ``--background-latency``
+ticks, a simulated latency in the range the training data shows, which also
+makes arrival ticks deterministic.
+
+Writes ``report.json`` (every figure; those with a target carry value, target
+and pass), ``timeline-<task>.png`` for one conversation per task, and prints a
+table. ``--require-targets`` exits 1 when any target fails. ``--oracle`` scores
+the recorded model streams instead (the data's own behaviour: a check that the
+metrics and targets are attainable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from data_pipeline import featurize, record, shards, synthetic
+from serving import metrics
+from serving.calls import MarkerParser
+
+TOOL_LATENCY_TICKS = 3
+BACKGROUND_LATENCY_TICKS = 6
+
+
+def read_conversations(data_dir, split: str = "eval", limit: int | None = None) -> list[record.Conversation]:
+  """Decoded conversations of a split, checksums verified."""
+  from array_record.python.array_record_module import ArrayRecordReader
+
+  data_dir = pathlib.Path(data_dir)
+  out = []
+  for shard in shards.read_split(data_dir, split):
+    reader = ArrayRecordReader(str(data_dir / shard.file))
+    try:
+      out += [record.decode(b) for b in reader.read_all()]
+    finally:
+      reader.close()
+    if limit is not None and len(out) >= limit:
+      return out[:limit]
+  return out
+
+
+def conversation_streams(cfg, conv: record.Conversation) -> dict:
+  """Whole-conversation features; text_in holds only what the user typed (call results come live)."""
+  feats = featurize.window(cfg.streams, conv, 0, conv.num_turns)
+  for spec in cfg.streams:
+    if spec.kind == "text" and spec.direction == "in":
+      user = [e for e in conv.events if e.kind == "user_text"]
+      feats["user_" + spec.name] = featurize.layout_text(user, conv.num_turns, spec.slots)
+  return feats
+
+
+def ref_calls(conv: record.Conversation) -> dict:
+  kinds = {"tool_call": "tool", "delegate": "background"}
+  return {kinds[e.kind]: e.text for e in conv.events if e.kind in kinds}
+
+
+def oracle_transcript(cfg, conv, feats) -> metrics.Transcript:
+  """The recorded model streams as a transcript (calls parsed from text_out, results from the cues)."""
+  text_out = next(s.name for s in cfg.streams if s.kind == "text" and s.direction == "out")
+  audio_out = next(s.name for s in cfg.streams if s.kind == "audio" and s.direction == "out")
+  text_in = next(s.name for s in cfg.streams if s.kind == "text" and s.direction == "in")
+  parser, calls = MarkerParser(), []
+  cue = feats["labels"]["cue"]
+  for t, row in enumerate(feats[text_out]):
+    for kind, request in parser.feed(row):
+      name = "tool_result" if kind == "tool" else "background_result"
+      arrived = np.flatnonzero((cue == synthetic.CUE[name]) & (np.arange(len(cue)) > t))
+      calls.append(metrics.CallRecord(kind, request, t, int(arrived[0]) if len(arrived) else None))
+  return metrics.Transcript(
+    conv.meta.get("task", ""),
+    feats["labels"],
+    feats[text_out],
+    feats[audio_out],
+    feats[text_in],
+    calls,
+    ref_calls(conv),
+  )
+
+
+def stream_through_engine(engine, cfg, convs, sampling, progress: bool = True) -> list[metrics.Transcript]:
+  """Run every conversation as a session; sessions join as slots free up, leave at their last turn."""
+  from serving.engine import Sampling
+
+  in_names = [s.name for s in cfg.streams if s.direction == "in"]
+  text_in = next(s.name for s in cfg.streams if s.kind == "text" and s.direction == "in")
+  queue = list(range(len(convs)))
+  live, done = {}, {}  # session id -> (conversation index, features, per-turn outputs)
+  ticks, t0 = 0, time.perf_counter()
+  while queue or live:
+    while queue and len(live) < engine.slots:
+      i = queue.pop(0)
+      session = engine.join(Sampling(sampling.temperature, sampling.top_p, sampling.seed + i))
+      live[session.id] = (i, conversation_streams(cfg, convs[i]), [], session)
+    inputs = {}
+    for sid, (_, feats, outs, _) in live.items():
+      t = len(outs)
+      inputs[sid] = {k: feats[k][t] for k in in_names if k != text_in} | {text_in: feats["user_" + text_in][t]}
+    results = engine.tick(inputs)
+    ticks += 1
+    for sid in list(live):
+      i, feats, outs, session = live[sid]
+      outs.append(results[sid])
+      if len(outs) == convs[i].num_turns:
+        engine.leave(sid)
+        done[i] = _transcript(cfg, convs[i], feats, outs, session)
+        del live[sid]
+    if progress and ticks % 50 == 0:
+      print(f"  tick {ticks}: {len(done)}/{len(convs)} conversations done", flush=True)
+  if progress:
+    dt = time.perf_counter() - t0
+    print(f"  {ticks} ticks in {dt:.1f} s ({dt / ticks * 1e3:.0f} ms per tick, {engine.slots} slots)", flush=True)
+  return [done[i] for i in range(len(convs))]
+
+
+def _transcript(cfg, conv, feats, outs, session) -> metrics.Transcript:
+  names = {(s.kind, s.direction): s.name for s in cfg.streams}
+  stack = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+  calls = [metrics.CallRecord(c.kind, c.request, c.tick, c.first_tick, c.result, c.error) for c in session.calls]
+  return metrics.Transcript(
+    conv.meta.get("task", ""),
+    feats["labels"],
+    stack[names["text", "out"]],
+    stack[names["audio", "out"]],
+    stack[names["text", "in"]],
+    calls,
+    ref_calls(conv),
+  )
+
+
+def build_report(transcripts, info: dict) -> dict:
+  tally = metrics.Tally()
+  per_task = {}
+  for tr in transcripts:
+    metrics.score(tr, tally)
+    per_task[tr.task] = per_task.get(tr.task, 0) + 1
+  figures = metrics.with_targets(tally.figures())
+  failed = sorted(k for k, f in figures.items() if f.get("pass") is False)
+  return dict(info, conversations=per_task, figures=figures, targets_failed=failed, all_targets_pass=not failed)
+
+
+def format_table(report: dict) -> str:
+  lines = [f"{'figure':<30}{'value':>9}{'target':>10}{'':>6}{'events':>8}"]
+  for name, f in report["figures"].items():
+    value = "n/a" if f["value"] is None else f"{f['value']:.3f}"
+    target = f"{f['op']} {f['target']:g}" if "target" in f else ""
+    verdict = ("PASS" if f["pass"] else "FAIL") if "target" in f else ""
+    lines.append(f"{name:<30}{value:>9}{target:>10}{verdict:>6}{f['n']:>8}")
+  lines.append(
+    "all targets pass" if report["all_targets_pass"] else f"targets failed: {', '.join(report['targets_failed'])}"
+  )
+  return "\n".join(lines)
+
+
+def run(
+  checkpoint,
+  data_dir,
+  slots: int = 32,
+  output_dir=None,
+  *,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  max_conversations: int | None = None,
+  oracle: bool = False,
+  timelines: bool = True,
+  progress: bool = True,
+) -> dict:
+  """Evaluate ``checkpoint`` on the eval split of ``data_dir``; print the table, return the report."""
+  from serving import load
+  from serving.background import ArithmeticBackground, BackgroundWorker
+  from serving.engine import Engine, Sampling
+  from serving.tools import ToolRuntime
+
+  loaded = load.load_params(checkpoint)
+  convs = read_conversations(data_dir, limit=max_conversations)
+  if not convs:
+    raise ValueError(f"{data_dir}: the eval split holds no conversations")
+  info = {"checkpoint": str(loaded.path), "step": loaded.step, "slots": slots, "oracle": oracle}
+  info |= {"sampling": {"temperature": temperature, "top_p": top_p, "seed": seed}}
+  if oracle:
+    transcripts = [oracle_transcript(loaded.cfg, c, conversation_streams(loaded.cfg, c)) for c in convs]
+  else:
+    tools = ToolRuntime(hold_ticks=TOOL_LATENCY_TICKS)
+    background = BackgroundWorker(ArithmeticBackground(), hold_ticks=BACKGROUND_LATENCY_TICKS)
+    engine = Engine.from_loaded(loaded, slots=slots, tools=tools, background=background)
+    try:
+      transcripts = stream_through_engine(engine, loaded.cfg, convs, Sampling(temperature, top_p, seed), progress)
+    finally:
+      engine.close()
+    info |= {"tool_latency_ticks": TOOL_LATENCY_TICKS, "background_latency_ticks": BACKGROUND_LATENCY_TICKS}
+  report = build_report(transcripts, info)
+  if output_dir is not None:
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    if timelines:
+      from serving import timeline
+
+      report["timelines"] = [str(p) for p in timeline.plot_one_per_task(transcripts, out)]
+      (out / "report.json").write_text(json.dumps(report, indent=1))
+  print(format_table(report), flush=True)
+  return report
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--checkpoint", required=True, help="trainer workdir, checkpoints directory or one step")
+  p.add_argument("--data", required=True, help="dataset directory with manifest.json and an eval split")
+  p.add_argument("--slots", type=int, default=32, help="engine slots (sessions streamed at once)")
+  p.add_argument("--output", help="directory for report.json and timeline PNGs")
+  p.add_argument("--require-targets", action="store_true", help="exit 1 when any figure misses its target")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max-conversations", type=int)
+  p.add_argument("--oracle", action="store_true", help="score the recorded model streams (checks the metrics)")
+  args = p.parse_args(argv)
+  report = run(
+    args.checkpoint,
+    args.data,
+    args.slots,
+    args.output,
+    temperature=args.temperature,
+    top_p=args.top_p,
+    seed=args.seed,
+    max_conversations=args.max_conversations,
+    oracle=args.oracle,
+  )
+  if args.require_targets and not report["all_targets_pass"]:
+    print(f"--require-targets: {len(report['targets_failed'])} target(s) failed", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
