@@ -110,7 +110,7 @@ def text_forward(model: InteractionModel, ids_BT, positions_BT=None):
   ids_BT = jnp.asarray(ids_BT, jnp.int32)
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1], dtype=jnp.int32), ids_BT.shape)
-  x_BTD = model.text_table[...][ids_BT].astype(jnp.dtype(model.cfg.dtype))
+  x_BTD = jnp.asarray(model.text_table[...])[ids_BT].astype(jnp.dtype(model.cfg.dtype))
   h_BTD, _, _ = model.forward(x_BTD, jnp.asarray(positions_BT, jnp.int32))
   return model.text_logits(h_BTD)
 

@@ -78,7 +78,7 @@ class SafetensorsFile:
         raise SafetensorsError(f"{self.path}: tensors {a!r} and {b!r} overlap")
     self._data = np.memmap(self.path, np.uint8, "r", offset=8 + n) if self.data_size else np.zeros(0, np.uint8)
 
-  def keys(self) -> list[str]:
+  def names(self) -> list[str]:
     return list(self.entries)
 
   def shape(self, name: str) -> tuple[int, ...]:

@@ -1,0 +1,189 @@
+"""hf -> interaction -> hf: golden logits against transformers, exact round trip, refusals by name."""
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch", reason="golden logits need PyTorch (pip install torch==2.13.0, CPU wheel)")
+transformers = pytest.importorskip("transformers", reason="golden logits need transformers to build the reference")
+
+from interaction import serve_checkpoint  # noqa: E402
+from interaction.convert import hf as hf_lib  # noqa: E402
+from interaction.convert import params as params_lib  # noqa: E402
+from interaction.convert.paths import UnsafePathError  # noqa: E402
+from interaction.convert.safetensors_io import SafetensorsFile  # noqa: E402
+
+VOCAB = 300
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+
+
+def mixtral(**kw):
+  kw = dict(SMALL, intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, **kw)
+  return transformers.MixtralConfig(max_position_embeddings=64, **kw)
+
+
+def qwen3(**kw):
+  kw = dict(SMALL, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_experts=4, **kw)
+  return transformers.Qwen3MoeConfig(head_dim=24, num_experts_per_tok=2, mlp_only_layers=[0], **kw)
+
+
+MODELS = {
+  # A 6-token sliding window, so the 12-token inputs exercise it.
+  "mixtral": lambda: (transformers.MixtralForCausalLM, mixtral(sliding_window=6)),
+  "qwen3_moe": lambda: (transformers.Qwen3MoeForCausalLM, qwen3(norm_topk_prob=True)),
+  "qwen3_moe_tied": lambda: (transformers.Qwen3MoeForCausalLM, qwen3(norm_topk_prob=False, tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def hf_model(request, tmp_path_factory):
+  cls, config = MODELS[request.param]()
+  torch.manual_seed(0)
+  model = cls(config).eval()
+  d = tmp_path_factory.mktemp(request.param)
+  model.save_pretrained(d / "hf")
+  return request.param.removesuffix("_tied"), model, d
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def text_forward(graphdef, params, ids, positions):
+  return params_lib.text_forward(nnx.merge(graphdef, params), ids, positions)
+
+
+def hf_logits(model, ids, mask):
+  pos = params_lib.left_pad_positions(mask).clip(min=0)
+  with torch.no_grad():
+    out = model(
+      input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos, dtype=torch.long)
+    )
+  return out.logits.float().numpy()
+
+
+def inputs():
+  rng = np.random.default_rng(0)
+  # One shape for all, so the forward compiles once.
+  full = [rng.integers(0, VOCAB, (2, 12)) for _ in range(2)]
+  padded = rng.integers(0, VOCAB, (2, 12))
+  padded_mask = np.ones((2, 12), np.int64)
+  padded_mask[0, :5] = 0  # left padding: 7 real tokens
+  padded_mask[1, :1] = 0
+  return [(x, np.ones_like(x)) for x in full] + [(padded, padded_mask)]
+
+
+def test_golden_logits_and_exact_round_trip(hf_model):
+  arch, model, d = hf_model
+  summary = hf_lib.hf_to_interaction(d / "hf", d / "ours", arch)
+  assert "embedders/audio_in/tables" in summary["initialized"] and "slot_embed" in summary["initialized"]
+  assert not any(n.startswith(("moe/", "dense/")) for n in summary["initialized"])
+  cfg = serve_checkpoint.model_config(d / "ours")
+  params = jax.device_put(serve_checkpoint.load(d / "ours"))
+  forward = functools.partial(text_forward, params_lib.graphdef(cfg), params)
+  worst = 0.0
+  for ids, mask in inputs():
+    want = hf_logits(model, ids, mask)
+    got = np.asarray(forward(ids, params_lib.left_pad_positions(mask)))
+    real = mask.astype(bool)
+    worst = max(worst, float(np.abs(got[real] - want[real]).max()))
+  print(f"\n{arch}: max |logit diff| vs transformers = {worst:.2e} (logit scale {np.abs(want).max():.1f})")
+  assert worst <= 1e-4
+
+  hf_lib.interaction_to_hf(d / "ours", d / "back")
+  src, back = SafetensorsFile(d / "hf" / "model.safetensors"), SafetensorsFile(d / "back" / "model.safetensors")
+  assert sorted(src.names()) == sorted(back.names())
+  for name in src.names():
+    np.testing.assert_array_equal(back.get(name), src.get(name), err_msg=name)
+  assert json.loads((d / "back" / "config.json").read_text()) == json.loads((d / "hf" / "config.json").read_text())
+  again = type(model).from_pretrained(d / "back").eval()
+  ids, mask = inputs()[2]
+  np.testing.assert_array_equal(hf_logits(again, ids, mask), hf_logits(model, ids, mask))
+
+
+def test_interaction_trained_backbone_exports_and_matches(tmp_path):
+  """A backbone that never came from HF (tied, scaled head) exports to a Qwen3-MoE transformers runs the same."""
+  source = qwen3().to_dict() | {"model_type": "qwen3_moe", "vocab_size": 256}
+  cfg = dataclasses.replace(hf_lib.import_config(source, "qwen3_moe"), tie_text_embedding=True)
+  w = serve_checkpoint.Writer(tmp_path / "ours", cfg)
+  for name, value in params_lib.init_params(cfg, params_lib.param_infos(cfg), seed=3).items():
+    w.add(name, np.asarray(value))
+  w.finish()
+  hf_lib.interaction_to_hf(tmp_path / "ours", tmp_path / "hf", "qwen3_moe", max_shard_bytes=200_000)
+  assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+  model = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  params = jax.device_put(serve_checkpoint.load(tmp_path / "ours"))
+  ids, mask = inputs()[0]
+  ids = ids % 256
+  got = np.asarray(text_forward(params_lib.graphdef(cfg), params, ids, None))
+  np.testing.assert_allclose(got, hf_logits(model, ids, mask), atol=1e-4)
+
+
+REFUSALS = [
+  ("qwen3_moe", {"attention_bias": True}, "attention biases"),
+  ("qwen3_moe", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_scaling"),
+  ("qwen3_moe", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+  ("qwen3_moe", {"partial_rotary_factor": 0.5}, "partial rotary"),
+  ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "differs per layer"),
+  ("qwen3_moe", {"mlp_only_layers": [1]}, "not a prefix"),
+  ("qwen3_moe", {"shared_expert_intermediate_size": 64}, "shared experts"),
+  ("qwen3_moe", {"hidden_act": "gelu"}, "activation"),
+  ("mixtral", {"layer_types": ["full_attention", "sliding_attention"]}, "differs per layer"),
+  ("mixtral", {"model_type": "qwen3_moe"}, "model_type"),
+]
+
+
+@pytest.mark.parametrize("arch,patch,message", REFUSALS)
+def test_unsupported_features_are_refused_by_name(tmp_path, arch, patch, message):
+  config = (mixtral() if arch == "mixtral" else qwen3()).to_dict() | {"model_type": arch} | patch
+  with pytest.raises(hf_lib.UnsupportedSourceError, match=message):
+    hf_lib.import_config(config, arch)
+
+
+def test_extra_source_tensors_are_refused_by_name(hf_model, tmp_path):
+  arch, _, d = hf_model
+  if arch != "mixtral":
+    pytest.skip("one architecture is enough")
+  from safetensors.numpy import save_file
+
+  src = tmp_path / "biased"
+  shutil.copytree(d / "hf", src)
+  f = SafetensorsFile(d / "hf" / "model.safetensors")
+  tensors = {n: np.array(f.get(n)) for n in f.names()}
+  tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+  save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(hf_lib.UnsupportedSourceError, match="biases.*q_proj.bias"):
+    hf_lib.hf_to_interaction(src, tmp_path / "out", arch)
+
+
+def test_pickle_weights_and_escaping_paths_are_refused(hf_model, tmp_path):
+  arch, _, d = hf_model
+  if arch != "mixtral":
+    pytest.skip("one architecture is enough")
+  pickled = tmp_path / "pickled"
+  pickled.mkdir()
+  shutil.copy(d / "hf" / "config.json", pickled)
+  (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+  with pytest.raises(hf_lib.UnsafeFormatError, match=r"pickle.*pytorch_model\.bin"):
+    hf_lib.hf_to_interaction(pickled, tmp_path / "o1", arch)
+  for target in ("../outside/model.safetensors", "/etc/passwd.safetensors"):
+    src = tmp_path / f"index{len(target)}"
+    shutil.copytree(d / "hf", src)
+    index = {"weight_map": {"model.embed_tokens.weight": target}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UnsafePathError):
+      hf_lib.hf_to_interaction(src, tmp_path / "o2", arch)
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  shutil.move(d / "hf" / "model.safetensors", outside / "model.safetensors")
+  try:
+    os.symlink(outside / "model.safetensors", d / "hf" / "model.safetensors")
+    with pytest.raises(UnsafePathError, match="symlink"):
+      hf_lib.hf_to_interaction(d / "hf", tmp_path / "o3", arch)
+  finally:
+    os.unlink(d / "hf" / "model.safetensors")
+    shutil.move(outside / "model.safetensors", d / "hf" / "model.safetensors")
