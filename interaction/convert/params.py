@@ -8,6 +8,7 @@ A parameter's name is its ``nnx.to_pure_dict`` path joined with ``/`` (e.g.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -44,6 +45,7 @@ def config_from_json(d: dict) -> ModelConfig:
   return ModelConfig(**{k: v for k, v in d.items() if k != "streams"}, streams=streams)
 
 
+@functools.lru_cache(maxsize=8)
 def _abstract_state(cfg: ModelConfig):
   return nnx.split(nnx.eval_shape(lambda: InteractionModel(cfg, rngs=nnx.Rngs(0))))
 
@@ -52,14 +54,19 @@ def name_of(path) -> str:
   return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def param_infos(cfg: ModelConfig) -> dict[str, ParamInfo]:
-  """Every parameter of the model ``cfg`` describes, by name, in a fixed order."""
+@functools.lru_cache(maxsize=8)
+def _param_infos(cfg: ModelConfig) -> tuple:
   _, state = _abstract_state(cfg)
-  out = {}
+  out = []
   for path, var in nnx.to_flat_state(state):
     axes = tuple(var.get_metadata().get("axes") or (None,) * len(var.shape))
-    out[name_of(path)] = ParamInfo(tuple(var.shape), np.dtype(var.dtype), axes)
-  return dict(sorted(out.items()))
+    out.append((name_of(path), ParamInfo(tuple(var.shape), np.dtype(var.dtype), axes)))
+  return tuple(sorted(out))
+
+
+def param_infos(cfg: ModelConfig) -> dict[str, ParamInfo]:
+  """Every parameter of the model ``cfg`` describes, by name, in a fixed order."""
+  return dict(_param_infos(cfg))
 
 
 def graphdef(cfg: ModelConfig):

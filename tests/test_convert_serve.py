@@ -1,0 +1,193 @@
+"""train -> serve: the engine's step on another mesh equals the trainer checkpoint's; tampering is refused."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import SingleDeviceSharding
+
+from experiments import tiny
+from interaction import checkpoint, serve_checkpoint, sharding, train
+from interaction import config as config_lib
+from interaction import step as step_lib
+from interaction.convert import params as params_lib
+from interaction.convert import train_to_serve
+from interaction.convert.paths import UnsafePathError
+from tests.helpers import random_batch
+
+ROOT = pathlib.Path(__file__).parent.parent
+REFUSED = (serve_checkpoint.ServeCheckpointError, UnsafePathError)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A trainer checkpoint (params + optimizer state + meta) saved from a (data=2, expert=4) mesh."""
+  config = tiny.get_config()
+  config.model.num_layers = 2
+  cfg = config_lib.model_config(config)
+  mesh = sharding.make_mesh({"data": 2, "expert": 4})
+  graphdef, state, shardings = train.create(cfg, config.train, mesh, seed=1)
+  workdir = tmp_path_factory.mktemp("wd")
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
+  ckpt.save(7, state._asdict(), {"pos": 0}, {"config": json.loads(config.to_json()), "mesh": dict(mesh.shape)})
+  ckpt.wait()
+  single = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shardings)
+  target = train.abstract_state(jax.eval_shape(lambda s: s, state), single)
+  restored, _, _ = ckpt.restore(7, target._asdict())
+  ckpt.close()
+  return cfg, graphdef, restored["params"], workdir
+
+
+def convert_cli(*args):
+  out = subprocess.run(
+    [sys.executable, "-m", "launch.convert", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  return out
+
+
+def run_ticks(step, params, cfg, batch, ticks):
+  state = step_lib.init_state(cfg, 2, cfg.attention_window)
+  outs = []
+  for t in range(ticks):
+    inputs = {s.name: batch[s.name][:, t] for s in cfg.streams if s.direction == "in"}
+    forced = {s.name: batch[s.name][:, t] for s in cfg.streams if s.direction == "out"}
+    state, out = step(params, state, inputs, jax.random.key(0), forced)
+    outs.append(jax.device_get(out))
+  return {k: np.stack([o[k] for o in outs], 1) for k in outs[0]}
+
+
+def test_train_to_serve_then_step_on_another_mesh_matches(trained, tmp_path):
+  cfg, graphdef, restored, workdir = trained
+  out = convert_cli("train-to-serve", "--src", workdir, "--dst", tmp_path / "serve", "--mesh", "data=1,expert=2")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(out.stdout.splitlines()[-1])["step"] == 7
+  manifest = serve_checkpoint.read_manifest(tmp_path / "serve")
+  assert manifest["mesh_hint"] == {"data": 1, "expert": 2}
+  assert manifest["arrays"]["moe/blocks/ffn/gate"]["spec"] == [None, "expert", None, None]
+  assert not any("opt_state" in n or "mu" in n.split("/") for n in manifest["arrays"])
+
+  mesh = sharding.make_mesh({"data": 1, "expert": 2}, jax.devices()[:2])
+  served = serve_checkpoint.load(tmp_path / "serve", mesh)
+  gate = served["moe"]["blocks"]["ffn"]["gate"]
+  assert gate.sharding.spec[1] == "expert" and set(gate.sharding.device_set) == set(jax.devices()[:2])
+  assert checkpoint.tree_digest(served) == checkpoint.tree_digest(restored)
+
+  batch = random_batch(cfg, 2, 3, seed=11)
+  step = step_lib.Step(graphdef, cfg)
+  want = run_ticks(step, restored, cfg, batch, 3)
+  with jax.set_mesh(mesh):
+    got = run_ticks(step_lib.Step(graphdef, cfg), served, cfg, batch, 3)
+  diff = np.abs(got["text_out_logprobs"] - want["text_out_logprobs"]).max()
+  print(f"\nserve (data=1, expert=2) vs trainer checkpoint (1 device): max |dlogp| = {diff:.2e}")
+  assert diff <= 1e-5
+  np.testing.assert_array_equal(got["text_out_argmax"], want["text_out_argmax"])
+
+
+def test_cast_to_bfloat16_is_exact_per_array(trained, tmp_path):
+  cfg, _, restored, workdir = trained
+  train_to_serve.convert(workdir, tmp_path / "bf16", dtype="bfloat16")
+  assert serve_checkpoint.model_config(tmp_path / "bf16").param_dtype == "bfloat16"
+  want = params_lib.flatten(jax.device_get(restored))
+  for name, got in params_lib.flatten(serve_checkpoint.load(tmp_path / "bf16")).items():
+    np.testing.assert_array_equal(got.view(np.uint16), want[name].astype(jax.numpy.bfloat16).view(np.uint16))
+
+
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+  _, _, _, workdir = trained
+  d = tmp_path_factory.mktemp("served") / "serve"
+  train_to_serve.convert(workdir, d)
+  return d, params_lib.flatten(serve_checkpoint.load(d))
+
+
+def test_random_single_byte_flips_are_refused_or_harmless(served):
+  d, clean = served
+  files = sorted(p for p in d.rglob("*") if p.is_file())
+  arrays = [p for p in files if p.suffix == ".bin"]
+  rng = np.random.default_rng(0)
+  outcomes = {"refused": 0, "harmless": 0}
+  # Half the flips land in the manifest (the config and digests live there), half across the arrays.
+  targets = [d / "manifest.json"] * 60 + [arrays[i] for i in rng.integers(0, len(arrays), 60)]
+  for path in targets:
+    data = bytearray(path.read_bytes())
+    at = int(rng.integers(0, len(data)))
+    original = data[at]
+    data[at] ^= int(rng.integers(1, 256))
+    path.write_bytes(data)
+    try:
+      got = params_lib.flatten(serve_checkpoint.load(d))
+    except REFUSED:
+      outcomes["refused"] += 1
+    else:
+      for name, x in clean.items():
+        assert np.array_equal(got[name].view(np.uint8), x.view(np.uint8)), f"silent wrong load: {path.name}@{at}"
+      outcomes["harmless"] += 1
+    finally:
+      data[at] = original
+      path.write_bytes(data)
+  print(f"\n120 single-byte flips: {outcomes}")
+  assert sum(outcomes.values()) == 120 and outcomes["refused"] >= 60
+
+
+def test_truncated_missing_or_extended_arrays_are_refused_by_name(served, tmp_path):
+  d, _ = served
+  work = tmp_path / "s"
+  shutil.copytree(d, work)
+  f = work / "arrays" / "final_norm.scale.bin"
+  data = f.read_bytes()
+  for broken, pattern in [(data[:-1], "truncated"), (data + b"\0", "extended"), (None, "missing")]:
+    f.unlink()
+    if broken is not None:
+      f.write_bytes(broken)
+    with pytest.raises(serve_checkpoint.IntegrityError, match=f"'final_norm/scale'.*{pattern}"):
+      serve_checkpoint.load(work)
+    f.write_bytes(data)
+  (work / "manifest.json").unlink()
+  with pytest.raises(serve_checkpoint.ManifestError, match="no manifest.json"):
+    serve_checkpoint.load(work)
+  assert not serve_checkpoint.is_serve_checkpoint(work)
+
+
+def resign(directory, manifest):
+  """Rewrite a manifest with a valid self-digest, as an attacker who edits it would."""
+  manifest["sha256"] = serve_checkpoint._canonical_digest(manifest)
+  (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("bad", ["../outside.bin", "/etc/passwd", "arrays/../../outside.bin", "symlink"])
+def test_paths_escaping_the_checkpoint_are_refused(served, tmp_path, bad):
+  d, _ = served
+  work = tmp_path / "s"
+  shutil.copytree(d, work)
+  name = "final_norm/scale"
+  manifest = json.loads((work / "manifest.json").read_text())
+  entry = manifest["arrays"][name]
+  real = work / entry["file"]
+  (tmp_path / "outside.bin").write_bytes(real.read_bytes())  # same bytes: only the path is wrong
+  if bad == "symlink":
+    real.unlink()
+    os.symlink(tmp_path / "outside.bin", real)
+  else:
+    entry["file"] = bad
+    resign(work, manifest)
+  with pytest.raises(UnsafePathError):
+    serve_checkpoint.load(work)
+
+
+def test_trainer_checkpoint_with_a_symlink_out_is_refused(trained, tmp_path):
+  _, _, _, workdir = trained
+  src = tmp_path / "wd"
+  shutil.copytree(workdir, src, symlinks=True)
+  meta = src / "checkpoints" / "7" / "meta" / "metadata"
+  shutil.move(meta, tmp_path / "metadata")
+  os.symlink(tmp_path / "metadata", meta)
+  with pytest.raises(UnsafePathError, match="symlink"):
+    train_to_serve.convert(src, tmp_path / "out")
+  out = convert_cli("train-to-serve", "--src", src, "--dst", tmp_path / "out2")
+  assert out.returncode == 2 and "UnsafePathError" in out.stderr
