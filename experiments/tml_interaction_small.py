@@ -61,9 +61,30 @@ def get_config():
       dtype="bfloat16",
       param_dtype="float32",
       remat="dots_no_batch",
+      moe_chunks=1,
     )
   )
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=16, tensor=1))
   c.data = ml_collections.ConfigDict(dict(window_turns=128, batch_size=256, seed=0))
+  c.train = ml_collections.ConfigDict(
+    dict(
+      steps=100_000,
+      lr=3e-4,
+      warmup_steps=2000,
+      min_lr_ratio=0.1,
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      clip_norm=1.0,
+      grad_accum=1,
+      aux_weight=0.001,
+      z_weight=1e-4,
+      seed=0,
+      log_every=10,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      max_bad_steps=20,
+    )
+  )
   c.serve = ml_collections.ConfigDict(dict(slots=16, cache_tokens=32768))
   return c

@@ -43,6 +43,10 @@ class ModelConfig:
   normalize_top_k: bool = True
   gmm_impl: str = "auto"
   gmm_tile: int = 256
+  # Run each device's tokens through expert dispatch in up to this many sequential chunks (the most
+  # that divide them evenly). Dropless dispatch sizes its buffers for the worst case (every gathered
+  # assignment local), so peak memory falls by the chunk count; results are unchanged.
+  moe_chunks: int = 1
   # Embedders and heads.
   video_hidden: int = 64
   flow_hidden: int = 256
@@ -69,6 +73,8 @@ class ModelConfig:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if self.gmm_impl not in GMM_IMPLS:
       raise ValueError(f"gmm_impl must be one of {GMM_IMPLS}, got {self.gmm_impl!r}")
+    if self.moe_chunks < 1:
+      raise ValueError(f"moe_chunks must be >= 1, got {self.moe_chunks}")
     if self.attention_window < 1:
       raise ValueError("attention_window must be >= 1 token")
     for s in self.streams:

@@ -16,6 +16,7 @@ a pod runs.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -157,6 +158,7 @@ class MoE(nnx.Module):
     self.k, self.scoring, self.num_experts = cfg.experts_per_token, cfg.router_scoring, e
     self.normalize = cfg.normalize_top_k
     self.impl, self.tile, self.dtype = cfg.gmm_impl, cfg.gmm_tile, jnp.dtype(cfg.dtype)
+    self.chunks = cfg.moe_chunks
 
   def __call__(self, x_BTD):
     """Returns ``(y_BTD, stats)``; ``stats`` are router sums over all tokens."""
@@ -201,15 +203,27 @@ class MoE(nnx.Module):
     stats = router_stats(logits_NE, experts_NK, probs_NE, self.num_experts)
     if reduce_axes:
       stats = jax.tree.map(lambda s: jax.lax.psum(s, reduce_axes), stats)
-    offset = 0
-    if expert_axis is not None:
-      x_ND = jax.lax.all_gather(x_ND, expert_axis, tiled=True)
-      weights_NK = jax.lax.all_gather(weights_NK, expert_axis, tiled=True)
-      experts_NK = jax.lax.all_gather(experts_NK, expert_axis, tiled=True)
-      offset = jax.lax.axis_index(expert_axis) * w_gate.shape[0]
-    y_ND = dispatch_local(x_ND, weights_NK, experts_NK, w_gate, w_up, w_down, offset, impl=self.impl, tile=self.tile)
-    if tensor_axis is not None:
-      y_ND = jax.lax.psum(y_ND, tensor_axis)
-    if expert_axis is not None:
-      y_ND = jax.lax.psum_scatter(y_ND, expert_axis, scatter_dimension=0, tiled=True)
-    return y_ND.reshape(b, t, d), stats
+
+    def dispatch(x_ND, weights_NK, experts_NK):
+      offset = 0
+      if expert_axis is not None:
+        x_ND = jax.lax.all_gather(x_ND, expert_axis, tiled=True)
+        weights_NK = jax.lax.all_gather(weights_NK, expert_axis, tiled=True)
+        experts_NK = jax.lax.all_gather(experts_NK, expert_axis, tiled=True)
+        offset = jax.lax.axis_index(expert_axis) * w_gate.shape[0]
+      y_ND = dispatch_local(x_ND, weights_NK, experts_NK, w_gate, w_up, w_down, offset, impl=self.impl, tile=self.tile)
+      if tensor_axis is not None:
+        y_ND = jax.lax.psum(y_ND, tensor_axis)
+      if expert_axis is not None:
+        y_ND = jax.lax.psum_scatter(y_ND, expert_axis, scatter_dimension=0, tiled=True)
+      return y_ND
+
+    # The most chunks up to moe_chunks that split the tokens evenly (the step's single tokens: one).
+    c = math.gcd(self.chunks, b * t)
+    if c == 1:
+      return dispatch(x_ND, weights_NK, experts_NK).reshape(b, t, d), stats
+    # Rematerialized per chunk, so the backward keeps one chunk's dispatch buffers alive at a time.
+    chunk = jax.checkpoint(dispatch, prevent_cse=False)
+    xs = (x_ND.reshape(c, -1, d), weights_NK.reshape(c, -1, self.k), experts_NK.reshape(c, -1, self.k))
+    _, y_CND = jax.lax.scan(lambda _, x: (None, chunk(*x)), None, xs)
+    return y_CND.reshape(b, t, d), stats

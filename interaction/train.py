@@ -90,6 +90,21 @@ def create(cfg: ModelConfig, tc, mesh, seed: int = 0):
   return graphdef, state, shardings
 
 
+def abstract_create(cfg: ModelConfig, tc, mesh):
+  """Like ``create`` but nothing is allocated: the state is sharded ShapeDtypeStructs (for AOT compiles)."""
+  abstract = nnx.eval_shape(lambda: InteractionModel(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abs_params = nnx.split(abstract)
+  param_sh = nnx.to_pure_dict(sharding.param_shardings(abs_params, mesh))
+  params = nnx.to_pure_dict(abs_params)
+  replicated = NamedSharding(mesh, P())
+  opt_shape = jax.eval_shape(optimizer(tc).init, params)
+  opt_sh = _match_param_shardings(opt_shape, params, param_sh, replicated)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  shapes = TrainState(scalar, params, opt_shape, scalar, scalar)
+  shardings = TrainState(replicated, param_sh, opt_sh, replicated, replicated)
+  return graphdef, abstract_state(shapes, shardings), shardings
+
+
 def _match_param_shardings(opt_shape, params, param_sh, replicated):
   """Sub-trees of the optimizer state shaped like the params get the params' shardings."""
   params_def = jax.tree.structure(params)

@@ -1,0 +1,341 @@
+"""Ahead-of-time compilation for TPU topologies on a machine without a TPU.
+
+libtpu's compiler builds compile-only devices for a named slice (``v5p-256``);
+the real train step (or serving step) is lowered on abstract, sharded inputs
+(nothing is allocated) and compiled for them. The compiled program reports its
+per-chip memory and FLOPs, from which a roofline step time and MFU follow.
+
+Slice names follow Cloud TPU: ``v5p-N`` counts TensorCores (2 per chip), so
+v5p-256 is 128 chips; ``v6e-N`` counts chips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from interaction import config as config_lib
+from interaction import layout, metrics, sharding, train
+from interaction import step as step_lib
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published per-chip figures (Cloud TPU system architecture pages)."""
+
+  name: str
+  hbm_bytes: int
+  peak_bf16_flops: float
+  hbm_bytes_per_s: float
+  cores_per_chip: int  # the slice name counts cores for v5p, chips for v6e
+  chips_per_host: int
+  shapes: dict  # chips -> physical topology
+
+
+CHIPS = {
+  "v5p": Chip(
+    "v5p",
+    95 * GIB,
+    459e12,
+    2765e9,
+    2,
+    4,
+    {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"},
+  ),
+  "v6e": Chip(
+    "v6e",
+    32 * GIB,
+    918e12,
+    1640e9,
+    1,
+    4,
+    {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
+  ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str  # e.g. "v5p-256"
+  chip: Chip
+  chips: int
+  shape: str  # e.g. "4x8x8"
+
+  @property
+  def hosts(self) -> int:
+    return max(1, self.chips // self.chip.chips_per_host)
+
+  @property
+  def chips_per_host(self) -> int:
+    return min(self.chips, self.chip.chips_per_host)
+
+
+def known_topologies() -> list[str]:
+  return [f"{c.name}-{n * c.cores_per_chip}" for c in CHIPS.values() for n in c.shapes]
+
+
+def parse_topology(name: str) -> Topology:
+  """``"v5p-256"`` -> Topology; a clear error lists the known slices."""
+  gen, _, count = name.partition("-")
+  chip = CHIPS.get(gen)
+  if chip is None or not count.isdigit() or int(count) % chip.cores_per_chip:
+    raise ValueError(f"unknown topology {name!r}; known: {', '.join(known_topologies())}")
+  chips = int(count) // chip.cores_per_chip
+  if chips not in chip.shapes:
+    raise ValueError(f"unknown topology {name!r}; known: {', '.join(known_topologies())}")
+  return Topology(name, chip, chips, chip.shapes[chips])
+
+
+def topology_devices(topo: Topology) -> list:
+  """Compile-only devices of the slice, from libtpu (no TPU needed)."""
+  try:
+    import libtpu  # noqa: F401
+  except ImportError as e:
+    raise RuntimeError("AOT compilation for TPU needs libtpu: pip install '.[tpu]' (or pip install libtpu)") from e
+  from jax.experimental import topologies
+
+  # Compile-only use takes no chips; without this a second compiling process on the host fails on
+  # libtpu's lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  devices = topologies.get_topology_desc(platform="tpu", topology_name=f"{topo.chip.name}:{topo.shape}").devices
+  if len(devices) != topo.chips:
+    raise RuntimeError(f"libtpu made {len(devices)} devices for {topo.name} ({topo.shape}), expected {topo.chips}")
+  return list(devices)
+
+
+def topology_mesh(axes: dict, devices) -> jax.sharding.Mesh:
+  """A mesh over the slice, laid out on the physical torus when mesh_utils can."""
+  shape = sharding.mesh_shape(axes, len(devices))
+  try:
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)
+  return jax.sharding.Mesh(grid, sharding.MESH_AXES)
+
+
+def _sds(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_batch(cfg, batch_size: int, window_turns: int, mesh) -> dict:
+  """The model's training batch as sharded ShapeDtypeStructs."""
+  bsh = train.batch_sharding(mesh)
+  out = {
+    s.name: jax.ShapeDtypeStruct((batch_size, window_turns, s.slots, *s.value_shape), s.dtype, sharding=bsh)
+    for s in cfg.streams
+  }
+  out["first_turn"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=bsh)
+  out["turn_mask"] = jax.ShapeDtypeStruct((batch_size, window_turns), jnp.float32, sharding=bsh)
+  return out
+
+
+def lower_train(config, mesh):
+  """The jitted train step lowered on abstract state and batch."""
+  cfg, tc = config_lib.model_config(config), config.train
+  graphdef, state, shardings = train.abstract_create(cfg, tc, mesh)
+  step = train.make_train_step(graphdef, cfg, tc, mesh, shardings)
+  batch = abstract_batch(cfg, config.data.batch_size, config.data.window_turns, mesh)
+  with jax.set_mesh(mesh):
+    return step.jitted.lower(state, batch)
+
+
+def serve_state_shardings(state, mesh):
+  """Session slots over the batch axes, kv heads over tensor; the rest replicated."""
+
+  def spec(x):
+    if x.ndim == 5:  # [L, B, C, K, E] kv cache
+      return sharding.logical_to_spec(("layers", "batch", "cache", "kv_heads", "head_dim"), mesh)
+    return sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), mesh)
+
+  return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), state)
+
+
+def lower_serve(config, mesh):
+  """The micro-turn step for ``serve.slots`` sessions of ``serve.cache_tokens``, params in ``model.dtype``."""
+  cfg = config_lib.model_config(config)
+  slots, cache_tokens = config.serve.slots, config.serve.cache_tokens
+  abstract = nnx.eval_shape(lambda: step_lib.InteractionModel(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abs_state = nnx.split(abstract)
+  param_sh = nnx.to_pure_dict(sharding.param_shardings(abs_state, mesh))
+  serve_dtype = jnp.dtype(cfg.dtype)
+
+  def cast(x):  # serving holds weights in the compute dtype
+    return jax.ShapeDtypeStruct(x.shape, serve_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
+
+  params = _sds(jax.tree.map(cast, nnx.to_pure_dict(abs_state)), param_sh)
+  state_shape = jax.eval_shape(lambda: step_lib.init_state(cfg, slots, cache_tokens))
+  state_sh = serve_state_shardings(state_shape, mesh)
+  state = _sds(state_shape, state_sh)
+  bsh = NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), mesh)[0]))
+  inputs = {
+    s.name: jax.ShapeDtypeStruct((slots, s.slots, *s.value_shape), s.dtype, sharding=bsh)
+    for s in cfg.streams
+    if s.direction == "in"
+  }
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=NamedSharding(mesh, P()))
+
+  def run(params, state, turn_inputs, rng):
+    return step_lib.step_fn(nnx.merge(graphdef, params), state, turn_inputs, rng)
+
+  jitted = jax.jit(run, out_shardings=(state_sh, bsh), donate_argnums=(1,))
+  with jax.set_mesh(mesh):
+    return jitted.lower(params, state, inputs, rng)
+
+
+def model_flops_per_chip(config, job: str, chips: int) -> float:
+  """Analytic model FLOPs per step per chip (train: 3x forward; serve: forward of one micro-turn)."""
+  cfg = config_lib.model_config(config)
+  if job == "train":
+    return metrics.train_flops_per_window(cfg, config.data.window_turns) * config.data.batch_size / chips
+  # One micro-turn per session: every token runs the active parameters once.
+  from interaction import inspect
+
+  active = inspect.count_params(cfg)["active"]
+  tokens = config.serve.slots * layout.tokens_per_turn(cfg.streams)
+  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * tokens * config.serve.cache_tokens
+  return (2 * active * tokens + attention) / chips
+
+
+def report(config, topology: str, job: str = "train", mesh_axes: dict | None = None) -> dict:
+  """Compile ``job`` for ``topology`` and return the per-chip memory, FLOPs and roofline figures."""
+  if job not in ("train", "serve"):
+    raise ValueError(f"job must be 'train' or 'serve', got {job!r}")
+  topo = parse_topology(topology)
+  devices = topology_devices(topo)
+  if mesh_axes is None:
+    section = config.serve if job == "serve" else config
+    mesh_axes = dict(section.get("mesh") or config.mesh)
+  mesh = topology_mesh(mesh_axes, devices)
+  if config.model.get("gmm_impl", "auto") == "auto":
+    # "auto" resolves by jax's default backend, which is the CPU here; the target is a TPU.
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model.gmm_impl = "ragged_dot"
+  t = time.perf_counter()
+  lowered = lower_train(config, mesh) if job == "train" else lower_serve(config, mesh)
+  error = None
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    compiled, error = None, str(e).splitlines()[0]
+  compile_s = time.perf_counter() - t
+  if compiled is not None:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias, temp, code = mem.alias_size_in_bytes, mem.temp_size_in_bytes, mem.generated_code_size_in_bytes
+    xla_flops = float(cost.get("flops", 0.0))
+    bytes_accessed = float(cost.get("bytes accessed", 0.0))
+  else:  # the compiler refused: arguments from the input shardings, temporaries from its message
+    args = sum(_shard_bytes(x) for x in jax.tree.leaves(lowered.args_info))
+    out = alias = code = 0
+    temp = _oom_temporaries(error)
+    xla_flops = bytes_accessed = 0.0
+  total = args + out - alias + temp + code
+  model_flops = model_flops_per_chip(config, job, topo.chips)
+  chip = topo.chip
+  # Roofline: the slower of compute and HBM traffic; collectives are not modelled.
+  step_s = max(max(xla_flops, model_flops) / chip.peak_bf16_flops, bytes_accessed / chip.hbm_bytes_per_s)
+  if job == "train":
+    batch, tokens = config.data.batch_size, config.data.batch_size * config.data.window_turns
+  else:
+    batch, tokens = config.serve.slots, config.serve.slots
+  tokens *= layout.tokens_per_turn(config_lib.model_config(config).streams)
+  return {
+    "topology": topo.name,
+    "physical": f"{chip.name}:{topo.shape}",
+    "chips": topo.chips,
+    "job": job,
+    "mesh": {k: v for k, v in dict(mesh.shape).items() if v > 1},
+    "batch": batch,
+    "tokens_per_step": tokens,
+    "argument_bytes": args,
+    "output_bytes": out,
+    "alias_bytes": alias,
+    "temp_bytes": temp,
+    "code_bytes": code,
+    "total_bytes": total,
+    "hbm_bytes": chip.hbm_bytes,
+    "fits": total <= chip.hbm_bytes,
+    "xla_flops_per_chip": xla_flops,
+    "model_flops_per_chip": float(model_flops),
+    "bytes_accessed_per_chip": bytes_accessed,
+    "roofline_step_s": step_s,
+    "roofline_mfu": float(model_flops / (step_s * chip.peak_bf16_flops)) if step_s else 0.0,
+    "compile_s": compile_s,
+    "compile_error": error,
+  }
+
+
+def _shard_bytes(arg) -> int:
+  aval, sh = arg._aval, arg.sharding
+  return math.prod(sh.shard_shape(aval.shape)) * np.dtype(aval.dtype).itemsize
+
+
+def _oom_temporaries(message: str) -> int:
+  """The temporaries figure from XLA's CompileTimeHbmOom message ("... HLO temporaries (826.46G) ...")."""
+  found = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
+  if not found:
+    return 0
+  return int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
+
+
+def format_report(r: dict) -> str:
+  gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+  if r["compile_error"]:
+    return "\n".join(
+      [
+        f"{r['job']} step on {r['topology']} ({r['physical']}, {r['chips']} chips), mesh {r['mesh']}",
+        f"  batch {r['batch']} ({r['tokens_per_step']:,} tokens per step); compiler ran out of HBM "
+        f"after {r['compile_s']:.0f} s:",
+        f"    arguments   {gib(r['argument_bytes'])}  (from the input shardings)",
+        f"    temporaries {gib(r['temp_bytes'])}  (from the compiler's message)",
+        f"    total      >{gib(r['total_bytes'])}  of {r['hbm_bytes'] / GIB:.0f} GiB HBM -> DOES NOT FIT",
+        f"  {r['compile_error']}",
+      ]
+    )
+  lines = [
+    f"{r['job']} step on {r['topology']} ({r['physical']}, {r['chips']} chips), mesh {r['mesh']}",
+    f"  batch {r['batch']} ({r['tokens_per_step']:,} tokens per step); compiled in {r['compile_s']:.0f} s",
+    "  per-chip memory:",
+    f"    arguments   {gib(r['argument_bytes'])}",
+    f"    outputs     {gib(r['output_bytes'])}  (aliased to arguments: {gib(r['alias_bytes']).strip()})",
+    f"    temporaries {gib(r['temp_bytes'])}",
+    f"    code        {gib(r['code_bytes'])}",
+    f"    total       {gib(r['total_bytes'])}  of {r['hbm_bytes'] / GIB:.0f} GiB HBM"
+    f" -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
+    f"  FLOPs per chip per step: {r['model_flops_per_chip']:.3e} model (analytic), "
+    f"{r['xla_flops_per_chip']:.3e} compiled (XLA cost analysis)",
+    f"  HBM bytes accessed per chip per step: {r['bytes_accessed_per_chip']:.3e}",
+    f"  roofline: step {r['roofline_step_s'] * 1e3:.1f} ms, MFU {r['roofline_mfu']:.1%} (compute and HBM only; "
+    "collectives not modelled)",
+  ]
+  return "\n".join(lines)
+
+
+def shortfall(r: dict) -> str | None:
+  if r["fits"]:
+    return None
+  over = r["total_bytes"] - r["hbm_bytes"]
+  return (
+    f"{r['job']} step does not fit on {r['topology']}: {r['total_bytes'] / GIB:.2f} GiB per chip exceeds "
+    f"{r['hbm_bytes'] / GIB:.0f} GiB HBM by {over / GIB:.2f} GiB (temporaries {r['temp_bytes'] / GIB:.2f} GiB)"
+  )
