@@ -1,0 +1,153 @@
+"""The sessions engine: compiles once, isolates slots, masks idle slots, checks its inputs."""
+
+import jax
+import numpy as np
+import pytest
+
+from interaction import layout, text
+from serving.engine import Engine, EngineFullError, Sampling
+from tests.helpers import make_model, tiny_cfg
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def small_cfg():
+  # Two layers and a 4-turn window keep 1000 ticks within seconds; the engine logic is size-blind.
+  return tiny_cfg(
+    num_layers=2,
+    num_dense_layers=1,
+    attention_window=68,
+    d_model=64,
+    num_heads=2,
+    num_kv_heads=1,
+    dense_ffn_dim=128,
+    expert_ffn_dim=64,
+    flow_hidden=64,
+    flow_steps=2,
+  )
+
+
+_SHARED = {}
+
+
+def shared_engine():
+  """One compiled 2-slot engine for the short tests, handed out with no sessions and no tools."""
+  if not _SHARED:
+    cfg = small_cfg()
+    graphdef, params = make_model(cfg)
+    _SHARED["e"] = Engine(cfg, graphdef, params, slots=2, cache_tokens=68)
+  engine = _SHARED["e"]
+  for sid in list(engine.sessions):
+    engine.leave(sid)
+  engine.tools = engine.background = None
+  return engine
+
+
+def random_inputs(cfg, seed):
+  return {
+    k: v[0] for k, v in layout.random_streams([s for s in cfg.streams if s.direction == "in"], (1,), seed).items()
+  }
+
+
+def test_64_sessions_joining_and_leaving_over_1000_ticks_compile_the_step_once():
+  cfg = small_cfg()
+  graphdef, params = make_model(cfg)
+  engine = Engine(cfg, graphdef, params, slots=4, cache_tokens=68)
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *a, **k: compiles.append(name) if name == COMPILE_EVENT else None
+  )
+  rng = np.random.default_rng(0)
+  pool = [random_inputs(cfg, s) for s in range(4)]
+  joined, turns_seen = 0, []
+  warm = None
+  for tick in range(1000):
+    if joined < 64 and len(engine.sessions) < engine.slots and rng.random() < 0.5:
+      engine.join(Sampling(temperature=float(rng.uniform(0, 1.5)), top_p=float(rng.uniform(0.5, 1)), seed=joined))
+      joined += 1
+    if engine.sessions and rng.random() < 0.1:
+      s = list(engine.sessions.values())[int(rng.integers(len(engine.sessions)))]
+      turns_seen.append(s.turn)
+      engine.leave(s)
+    out = engine.tick({sid: pool[(tick + sid) % 4] for sid in engine.sessions})
+    if tick == 20:
+      warm = len(compiles)  # the step, the slot update and the first transfers are compiled by now
+    for o in out.values():
+      assert o["text_out"].shape == (cfg.spec("text_out").slots,)
+  print(
+    f"\n{joined} sessions joined, {len(turns_seen)} left (median {np.median(turns_seen):.0f} ticks); "
+    f"compilations after tick 20: {len(compiles) - warm}"
+  )
+  assert joined == 64
+  assert engine.step._jitted._cache_size() == 1
+  assert len(compiles) == warm
+
+
+def run_session(engine, sid, inputs, ticks):
+  outs = []
+  for t in range(ticks):
+    outs.append(engine.tick({s: inputs[s][t] for s in engine.sessions})[sid])
+  return {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+
+
+def test_a_session_with_31_neighbours_equals_the_session_alone():
+  """Sampled (temperature 1): equal outputs also show a slot's randomness depends on its seed only."""
+  temperature = 1.0
+  cfg = small_cfg()
+  graphdef, params = make_model(cfg, seed=2)
+  ticks = 5
+  crowd = Engine(cfg, graphdef, params, slots=32, cache_tokens=cfg.attention_window)
+  sessions = [crowd.join(Sampling(temperature=temperature, seed=100 + i)) for i in range(32)]
+  crowd.leave(sessions[5])  # the session under test sits in a reused slot
+  me = crowd.join(Sampling(temperature=temperature, seed=7))
+  inputs = {s.id: [random_inputs(cfg, 1000 * s.id + t) for t in range(ticks)] for s in crowd.sessions.values()}
+  mine = inputs[me.id]
+  together = run_session(crowd, me.id, inputs, ticks)
+  alone_engine = Engine(cfg, graphdef, params, slots=1, cache_tokens=cfg.attention_window)
+  alone_me = alone_engine.join(Sampling(temperature=temperature, seed=7))
+  alone = run_session(alone_engine, alone_me.id, {alone_me.id: mine}, ticks)
+  dev = float(np.abs(together["text_out_logprobs"] - alone["text_out_logprobs"]).max())
+  bitwise = bool(np.array_equal(together["text_out_logprobs"], alone["text_out_logprobs"]))
+  print(f"\nslot {me.slot} of 32 vs alone, temperature {temperature}: bitwise {bitwise}, max |dlogp| {dev:.3g}")
+  np.testing.assert_array_equal(together["text_out"], alone["text_out"])
+  assert dev <= 1e-5
+  np.testing.assert_allclose(together["audio_out"], alone["audio_out"], atol=1e-4)
+
+
+def test_idle_slots_are_frozen_and_silent():
+  engine = shared_engine()
+  cfg = engine.cfg
+  a = engine.join()
+  b = engine.join()
+  engine.leave(a)
+  for t in range(3):
+    out = engine.tick({b.id: random_inputs(cfg, t)})
+  assert list(out) == [b.id] and b.turn == 3
+  assert np.asarray(engine.state.turn).tolist() == [0, 3]  # the idle slot does not advance
+  state, raw = engine.step(engine.params, engine.state, engine._inputs({}), engine.rng)
+  engine.state = state
+  assert (np.asarray(raw["text_out"])[0] == text.PAD).all()
+  assert (np.asarray(raw["audio_out"])[0] == cfg.spec("audio_out").mel_min).all()
+
+
+def test_bad_requests_raise_clear_errors():
+  engine = shared_engine()
+  cfg = engine.cfg
+  s = engine.join()
+  engine.join()
+  with pytest.raises(EngineFullError, match="all 2 slots"):
+    engine.join()
+  with pytest.raises(KeyError, match=r"sessions \[99\]"):
+    engine.tick({99: {}})
+  with pytest.raises(ValueError, match=r"'text_in' expects shape \(4,\)"):
+    engine.tick({s.id: {"text_in": np.zeros(3, np.int32)}})
+  with pytest.raises(ValueError, match="unknown input streams"):
+    engine.tick({s.id: {"bogus": np.zeros(3)}})
+  for bad, pattern in ((dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(seed=-1), "seed")):
+    with pytest.raises(ValueError, match=pattern):
+      Sampling(**bad)
+  engine.leave(s)
+  with pytest.raises(KeyError, match="no live session"):
+    engine.leave(s)
+  with pytest.raises(ValueError, match="slots must be >= 1"):
+    Engine(cfg, None, engine.params, slots=0, cache_tokens=68)

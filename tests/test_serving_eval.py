@@ -1,0 +1,116 @@
+"""Params-only loading and the evaluation job: metrics reach their targets on the data's own behaviour."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from data_pipeline import synthetic
+from experiments import tiny
+from interaction import checkpoint
+from serving import evaluate, load, metrics
+from tests.helpers import make_model
+
+SMALL = dict(
+  num_layers=2,
+  num_dense_layers=1,
+  attention_window=68,
+  d_model=64,
+  num_heads=2,
+  num_kv_heads=1,
+  dense_ffn_dim=128,
+  expert_ffn_dim=64,
+  flow_hidden=64,
+  flow_steps=2,
+)
+
+
+def save_checkpoint(tmp_path, small_cfg_config=True, with_config_json=True, step=3):
+  """A trainer-layout workdir holding random parameters and an optimizer state the loader must skip."""
+  from interaction import config as config_lib
+
+  config = tiny.get_config()
+  if small_cfg_config:
+    config.model.update(SMALL)
+  config.serve.cache_tokens = config.model.attention_window
+  cfg = config_lib.model_config(config)
+  _, params = make_model(cfg, seed=3)
+  params = nnx.to_pure_dict(params)
+  workdir = tmp_path / "work"
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
+  state = {
+    "step": jnp.int32(step),
+    "params": params,
+    "opt_state": {"mu": jax.tree.map(jnp.ones_like, params), "count": jnp.int32(7)},
+    "skipped": jnp.int32(0),
+    "bad_streak": jnp.int32(0),
+  }
+  ckpt.save(step, state, {}, {"config": json.loads(config.to_json())})
+  ckpt.wait()
+  ckpt.close()
+  if with_config_json:
+    (workdir / "config.json").write_text(config.to_json())
+  return workdir
+
+
+def test_load_params_reads_the_parameters_only(tmp_path):
+  workdir = save_checkpoint(tmp_path, with_config_json=False)
+  saved_digest = checkpoint.tree_digest(
+    nnx.to_pure_dict(make_model(load.load_params(workdir / "checkpoints").cfg, seed=3)[1])
+  )
+  for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "3"):
+    loaded = load.load_params(path)  # the config comes from the checkpoint's meta item (no config.json)
+    assert loaded.step == 3 and loaded.cfg.num_layers == 2 and loaded.cache_tokens == 68
+    assert set(loaded.params) == set(nnx.to_pure_dict(make_model(loaded.cfg)[1]))
+    assert checkpoint.tree_digest(loaded.params) == saved_digest
+  with pytest.raises(load.CheckpointNotFoundError, match="no step 9"):
+    load.load_params(workdir, step=9)
+  with pytest.raises(load.CheckpointNotFoundError, match="not a trainer workdir"):
+    load.load_params(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("data")
+  synthetic.generate(out, "eval", 2 * len(synthetic.TASKS), seed=11)
+  return out
+
+
+def test_metrics_pass_every_target_on_the_recorded_behaviour(data_dir, tmp_path):
+  workdir = save_checkpoint(tmp_path)
+  report = evaluate.run(workdir, data_dir, oracle=True, output_dir=tmp_path / "out", timelines=False)
+  assert report["all_targets_pass"], report["targets_failed"]
+  assert set(metrics.TARGETS) <= set(report["figures"])
+  for name in ("tool/call_correct", "tool/answer_correct", "delegation/answer_correct", "time/accuracy"):
+    assert report["figures"][name]["value"] == 1.0
+
+
+def test_streamed_evaluation_writes_report_and_timelines_and_gates_on_targets(data_dir, tmp_path, capsys):
+  workdir = save_checkpoint(tmp_path)
+  out = tmp_path / "out"
+  args = ["--checkpoint", str(workdir), "--data", str(data_dir), "--slots", "4", "--output", str(out)]
+  code = evaluate.main([*args, "--max-conversations", "7", "--require-targets"])
+  report = json.loads((out / "report.json").read_text())
+  printed = capsys.readouterr().out
+  assert code == 1 and not report["all_targets_pass"]  # random parameters cannot take turns
+  for name, (op, target) in metrics.TARGETS.items():
+    fig = report["figures"][name]
+    assert fig["target"] == target and fig["op"] == op and isinstance(fig["pass"], bool)
+    assert name in printed
+  assert sum(report["conversations"].values()) == 7
+  assert sorted(p.name for p in out.glob("timeline-*.png")) == sorted(f"timeline-{t}.png" for t in synthetic.TASKS)
+  assert evaluate.main([*args, "--oracle"]) == 0
+
+
+def test_spoken_words_skip_call_contents():
+  from interaction import text
+
+  ids = [*text.encode("let me"), text.TOOL_CALL_START, *text.encode("add(1,2)"), text.TOOL_CALL_END]
+  ids += [*text.encode(" check three ")]
+  ids += [text.PAD] * (-len(ids) % 4)
+  words = metrics.spoken_words(np.array(ids).reshape(-1, 4))
+  assert [w for _, w in words] == ["let", "me", "check", "three"]
+  assert words[0][0] == 0 and words[-1][0] == 23 // 4  # "three" starts at byte 23
