@@ -42,7 +42,11 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+# The untied Qwen3-MoE variant adds little over the tied one: it runs in the slow suite.
+@pytest.fixture(
+  scope="module",
+  params=[pytest.param(m, marks=pytest.mark.slow) if m == "qwen3_moe" else m for m in sorted(MODELS)],
+)
 def hf_model(request, tmp_path_factory):
   cls, config = MODELS[request.param]()
   torch.manual_seed(0)
@@ -105,6 +109,7 @@ def test_golden_logits_and_exact_round_trip(hf_model):
   np.testing.assert_array_equal(hf_logits(again, ids, mask), hf_logits(model, ids, mask))
 
 
+@pytest.mark.slow
 def test_interaction_trained_backbone_exports_and_matches(tmp_path):
   """A backbone that never came from HF (tied, scaled head) exports to a Qwen3-MoE transformers runs the same."""
   source = qwen3().to_dict() | {"model_type": "qwen3_moe", "vocab_size": 256}
