@@ -60,11 +60,16 @@ def get_config():
       flow_steps=8,
       dtype="bfloat16",
       param_dtype="float32",
-      remat="dots_no_batch",
-      moe_chunks=1,
+      # Pod targets (python -m launch.aot): full remat and dispatch in 8 chunks keep the v5p-256 train
+      # step under 60 GiB per chip; see benchmarks/aot_report.py.
+      remat="full",
+      moe_chunks=8,
     )
   )
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=16, tensor=1))
+  # The expert axis also splits the batch, so dense weights are sharded over it too (ZeRO-3 over all
+  # data-parallel axes); with "fsdp" alone they would take 8x their share of memory on v5p-256.
+  c.rules = ml_collections.ConfigDict(dict(embed=("fsdp", "expert")))
   c.data = ml_collections.ConfigDict(dict(window_turns=128, batch_size=256, seed=0))
   c.train = ml_collections.ConfigDict(
     dict(
@@ -76,7 +81,7 @@ def get_config():
       b1=0.9,
       b2=0.95,
       clip_norm=1.0,
-      grad_accum=1,
+      grad_accum=2,  # 128 windows per microbatch: one per chip on v5p-256 (use 4 on v5p-128)
       aux_weight=0.001,
       z_weight=1e-4,
       seed=0,
@@ -86,5 +91,6 @@ def get_config():
       max_bad_steps=20,
     )
   )
-  c.serve = ml_collections.ConfigDict(dict(slots=16, cache_tokens=32768))
+  # Serving on v5p-16 (8 chips): experts and session slots split 8 ways, weights in bfloat16.
+  c.serve = ml_collections.ConfigDict(dict(slots=16, cache_tokens=32768, mesh=dict(expert=8)))
   return c

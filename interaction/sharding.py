@@ -7,6 +7,7 @@ names to the mesh axes ``data``, ``fsdp``, ``expert`` and ``tensor``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -35,6 +36,30 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "cache": None,
   None: None,
 }
+
+
+@contextlib.contextmanager
+def rules(overrides: Mapping | None):
+  """Temporarily override entries of RULES (an experiment's ``rules`` section), e.g.
+  ``{"embed": ("fsdp", "expert")}`` to shard dense weights over every data-parallel axis.
+
+  Must enclose both state creation and the first call (tracing) of jitted steps.
+  """
+  overrides = {k: (tuple(v) if isinstance(v, list | tuple) else v) for k, v in dict(overrides or {}).items()}
+  unknown = sorted(set(overrides) - set(RULES))
+  if unknown:
+    raise ValueError(f"unknown logical axes in rules {unknown}; known: {sorted(k for k in RULES if k)}")
+  for k, v in overrides.items():
+    for axis in (v,) if isinstance(v, str) else v or ():
+      if axis not in MESH_AXES:
+        raise ValueError(f"rules[{k!r}] names mesh axis {axis!r}; mesh axes are {MESH_AXES}")
+  saved = dict(RULES)
+  RULES.update(overrides)
+  try:
+    yield
+  finally:
+    RULES.clear()
+    RULES.update(saved)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
