@@ -144,13 +144,13 @@ def abstract_batch(cfg, batch_size: int, window_turns: int, mesh) -> dict:
 
 
 def lower_train(config, mesh):
-  """The jitted train step lowered on abstract state and batch."""
+  """The jitted train step lowered on abstract state and batch; returns ``(lowered, inputs)``."""
   cfg, tc = config_lib.model_config(config), config.train
   graphdef, state, shardings = train.abstract_create(cfg, tc, mesh)
   step = train.make_train_step(graphdef, cfg, tc, mesh, shardings)
   batch = abstract_batch(cfg, config.data.batch_size, config.data.window_turns, mesh)
   with jax.set_mesh(mesh):
-    return step.jitted.lower(state, batch)
+    return step.jitted.lower(state, batch), (state, batch)
 
 
 def serve_state_shardings(state, mesh):
@@ -165,7 +165,10 @@ def serve_state_shardings(state, mesh):
 
 
 def lower_serve(config, mesh):
-  """The micro-turn step for ``serve.slots`` sessions of ``serve.cache_tokens``, params in ``model.dtype``."""
+  """The micro-turn step for ``serve.slots`` sessions of ``serve.cache_tokens``, params in ``model.dtype``.
+
+  Returns ``(lowered, inputs)``.
+  """
   cfg = config_lib.model_config(config)
   slots, cache_tokens = config.serve.slots, config.serve.cache_tokens
   abstract = nnx.eval_shape(lambda: step_lib.InteractionModel(cfg, rngs=nnx.Rngs(0)))
@@ -194,7 +197,7 @@ def lower_serve(config, mesh):
 
   jitted = jax.jit(run, out_shardings=(state_sh, bsh), donate_argnums=(1,))
   with jax.set_mesh(mesh):
-    return jitted.lower(params, state, inputs, rng)
+    return jitted.lower(params, state, inputs, rng), (params, state, inputs, rng)
 
 
 def model_flops_per_chip(config, job: str, chips: int) -> float:
@@ -228,7 +231,7 @@ def report(config, topology: str, job: str = "train", mesh_axes: dict | None = N
       config.model.gmm_impl = "ragged_dot"
   t = time.perf_counter()
   with sharding.rules(config.get("rules")):
-    lowered = lower_train(config, mesh) if job == "train" else lower_serve(config, mesh)
+    lowered, inputs = lower_train(config, mesh) if job == "train" else lower_serve(config, mesh)
   error = None
   try:
     compiled = lowered.compile()
@@ -246,7 +249,7 @@ def report(config, topology: str, job: str = "train", mesh_axes: dict | None = N
     xla_flops = float(cost.get("flops", 0.0))
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
   else:  # the compiler refused: arguments from the input shardings, temporaries from its message
-    args = sum(_shard_bytes(x) for x in jax.tree.leaves(lowered.args_info))
+    args = sum(_shard_bytes(x) for x in jax.tree.leaves(inputs))
     out = alias = code = 0
     temp = _oom_temporaries(error)
     xla_flops = bytes_accessed = 0.0
@@ -298,9 +301,9 @@ def report(config, topology: str, job: str = "train", mesh_axes: dict | None = N
   }
 
 
-def _shard_bytes(arg) -> int:
-  aval, sh = arg._aval, arg.sharding
-  return math.prod(sh.shard_shape(aval.shape)) * np.dtype(aval.dtype).itemsize
+def _shard_bytes(x) -> int:
+  """Bytes of the largest shard of a sharded ShapeDtypeStruct."""
+  return math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
 
 
 def _oom_temporaries(message: str) -> int:

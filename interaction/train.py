@@ -191,7 +191,12 @@ def make_train_step(graphdef, cfg: ModelConfig, tc, mesh, shardings):
   return run
 
 
-def global_batch(batch, mesh):
-  """This process's share of the batch -> global arrays sharded over the batch axes."""
+def global_batch(batch, mesh, *, whole: bool = False):
+  """This process's share of the batch -> global arrays sharded over the batch axes.
+
+  ``whole``: every process holds the whole global batch and keeps the rows its devices own.
+  """
   bsh = batch_sharding(mesh)
+  if whole:
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(bsh, x, x.shape), batch)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(bsh, x), batch)

@@ -16,8 +16,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from interaction import checkpoint, metrics, objective, sharding, train
+from interaction import checkpoint, distributed, metrics, objective, sharding, train
 from interaction import config as config_lib
+
+# How processes split the data: "records" (each reads its own records, batch_size / processes windows
+# per step; scales) or "whole" (each reads the global batch and keeps its rows: the same batches as a
+# one-process run, at the cost of every host decoding everything).
+PROCESS_SHARDING = ("records", "whole")
 
 
 class NonFiniteError(RuntimeError):
@@ -29,7 +34,10 @@ def log(msg: str) -> None:
 
 
 def prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
-  """The dataset directory; with none configured, the embedded synthetic tasks in the workdir."""
+  """The dataset directory; with none configured, the embedded synthetic tasks in the workdir.
+
+  Process 0 generates them (the workdir is shared) while the others wait at a barrier.
+  """
   from data_pipeline import synthetic
 
   if config.data.get("dir"):
@@ -38,11 +46,26 @@ def prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
       raise FileNotFoundError(f"--config.data.dir={data_dir} has no manifest.json; convert data into it first")
     return data_dir
   data_dir = workdir / "data"
-  if not (data_dir / "manifest.json").exists():
+  if jax.process_index() == 0 and not (data_dir / "manifest.json").exists():
     log(f"generating the embedded synthetic dataset into {data_dir}")
     for split, count in (("train", config.data.synthetic_train), ("eval", config.data.synthetic_eval)):
       synthetic.generate(data_dir, split, count, seed=config.data.seed + (split == "eval"), progress=True)
+  distributed.barrier("synthetic_data", timeout=max(distributed.timeout_s(), config.data.get("prepare_timeout", 3600)))
   return data_dir
+
+
+def pipeline(config, data_dir, **kwargs):
+  """``make_pipeline`` split across processes per ``data.process_sharding``; returns ``(iterator, whole)``."""
+  from data_pipeline.pipeline import make_pipeline
+
+  mode, n = config.data.get("process_sharding", "records"), jax.process_count()
+  if mode not in PROCESS_SHARDING:
+    raise ValueError(f"data.process_sharding must be one of {PROCESS_SHARDING}, got {mode!r}")
+  if mode == "whole" or n == 1:
+    return make_pipeline(config, data_dir, process_index=0, process_count=1, **kwargs), n > 1
+  if config.data.batch_size % n:
+    raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by the {n} processes")
+  return make_pipeline(config, data_dir, batch_size=config.data.batch_size // n, **kwargs), False
 
 
 def make_eval_loss(graphdef, cfg, tc, mesh):
@@ -65,17 +88,16 @@ def make_eval_loss(graphdef, cfg, tc, mesh):
 
 def evaluate(config, data_dir, params, eval_loss, cfg, mesh, max_batches: int | None = None) -> dict:
   """Mean held-out losses over the eval split, weighted by real micro-turns."""
-  from data_pipeline.pipeline import make_pipeline
-
-  it = make_pipeline(config, data_dir, split="eval", num_epochs=1, shuffle=False)
+  it, whole = pipeline(config, data_dir, split="eval", num_epochs=1, shuffle=False)
   totals, weight = {}, 0.0
   for i, batch in enumerate(it):
     if max_batches is not None and i >= max_batches:
       break
-    w = float(np.sum(batch["turn_mask"]))
+    # The global weight: every process must take the same branch (the loss is a collective).
+    w = float(np.sum(batch["turn_mask"])) if whole else float(distributed.process_sum(np.sum(batch["turn_mask"])))
     if w == 0:
       continue
-    out = jax.device_get(eval_loss(params, train.global_batch(train.model_batch(cfg, batch), mesh)))
+    out = jax.device_get(eval_loss(params, train.global_batch(train.model_batch(cfg, batch), mesh, whole=whole)))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v) * w
     weight += w
@@ -95,34 +117,54 @@ def restore_or_init(config, cfg, tc, mesh, ckpt: checkpoint.Checkpointer, resume
 
 
 def run(config, workdir, *, resume: bool = True, progress: bool = True) -> dict:
-  """Train ``config`` in ``workdir``; returns a summary (final step, losses, eval)."""
-  from data_pipeline.pipeline import make_pipeline
+  """Train ``config`` in ``workdir``; returns a summary (final step, losses, eval).
 
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  Joins the launcher's multi-process job first, if any (``interaction.distributed``). On SIGTERM
+  every process saves a checkpoint at the same step and returns (``summary["preempted"]``).
+  """
+  distributed.initialize_from_env()
+  preemption = distributed.Preemption().install()
+  try:
+    with distributed.peer_guard(), sharding.rules(config.get("rules")):
+      return _run(config, pathlib.Path(workdir), resume, progress, preemption)
+  finally:
+    preemption.uninstall()
+
+
+def _run(config, workdir, resume, progress, preemption) -> dict:
+  main = jax.process_index() == 0
+  if main:
+    workdir.mkdir(parents=True, exist_ok=True)
+  distributed.barrier("workdir")
   cfg, tc = config_lib.model_config(config), config.train
   mesh = sharding.make_mesh(dict(config.mesh))
-  (workdir / "config.json").write_text(config.to_json(indent=1))
+  if main:
+    (workdir / "config.json").write_text(config.to_json(indent=1))
   data_dir = prepare_data(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
   graphdef, state, shardings, data_state, start = restore_or_init(config, cfg, tc, mesh, ckpt, resume)
-  it = make_pipeline(config, data_dir, split="train")
+  it, whole = pipeline(config, data_dir, split="train")
   if data_state:
     it.set_state(data_state)
   step_fn = train.make_train_step(graphdef, cfg, tc, mesh, shardings)
-  writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  peak = metrics.measure_matmul_peak()
+  writer = metrics.MetricsWriter(workdir, enabled=main)
+  # Measured on this process's first device; only process 0 reports MFU.
+  peak = metrics.measure_matmul_peak() if main else float("nan")
   window_flops = metrics.train_flops_per_window(cfg, config.data.window_turns)
   tokens_per_batch = config.data.batch_size * config.data.window_turns * sum(s.slots for s in cfg.streams)
   meta = {"config": json.loads(config.to_json()), "mesh": dict(mesh.shape)}
-  log(f"mesh {dict(mesh.shape)}; matmul peak {peak / 1e9:.1f} GFLOP/s; training steps {start}..{tc.steps}")
-  bar = _progress(start, tc.steps, progress)
-  last_losses, t_last, steps_since = {}, time.perf_counter(), 0
+  log(
+    f"process {jax.process_index()}/{jax.process_count()}: mesh {dict(mesh.shape)}; "
+    f"matmul peak {peak / 1e9:.1f} GFLOP/s; training steps {start}..{tc.steps}"
+  )
+  bar = _progress(start, tc.steps, progress and main)
+  last_losses, t_last, steps_since, preempted = {}, time.perf_counter(), 0, False
+  check_every = max(int(tc.get("preemption_check_every", 1)), 1)
   for step in range(start, tc.steps):
     batch = train.model_batch(cfg, next(it))
     if step in tuple(tc.get("inject_nan_steps", ())):
       batch = dict(batch, audio_out=np.full_like(batch["audio_out"], np.nan))
-    state, m = step_fn(state, train.global_batch(batch, mesh))
+    state, m = step_fn(state, train.global_batch(batch, mesh, whole=whole))
     steps_since += 1
     done = step + 1
     if done % tc.log_every == 0 or done == tc.steps:
@@ -141,11 +183,22 @@ def run(config, workdir, *, resume: bool = True, progress: bool = True) -> dict:
         f"step {done}: {int(state.bad_streak)} non-finite steps in a row (loss or gradient NaN/Inf); "
         f"stopping. The last committed checkpoint is step {ckpt.latest_step()}"
       )
-    if done % tc.checkpoint_every == 0 or done == tc.steps:
+    # A collective every process runs at the same step, so all stop at the same one.
+    preempted = done < tc.steps and done % check_every == 0 and preemption.should_stop()
+    if done % tc.checkpoint_every == 0 or done == tc.steps or preempted:
       ckpt.save(done, state._asdict(), it.get_state(), meta)
       log(f"checkpoint: saving step {done} (async)")
+    if preempted:
+      break
   bar.close()
   ckpt.wait()
+  if preempted:
+    log(f"preempted: process {jax.process_index()} saved step {ckpt.latest_step()} and stops; a restart resumes there")
+    distributed.barrier("preempted")
+    writer.close()
+    ckpt.close()
+    it.close()
+    return {"step": int(state.step), "preempted": True, "checkpoint": ckpt.latest_step()}
   eval_losses = evaluate(config, data_dir, state.params, make_eval_loss(graphdef, cfg, tc, mesh), cfg, mesh)
   writer.write(tc.steps, {f"eval/{k}": v for k, v in eval_losses.items()})
   writer.close()
@@ -154,11 +207,12 @@ def run(config, workdir, *, resume: bool = True, progress: bool = True) -> dict:
   summary = {
     "step": int(state.step),
     "skipped": int(state.skipped),
-    "params_sha256": checkpoint.tree_digest(state.params),
+    "params_sha256": checkpoint.tree_digest(jax.tree.map(distributed.host_value, state.params)),
     "train": last_losses,
     "eval": eval_losses,
   }
   log("summary " + json.dumps(summary))
+  distributed.barrier("finished")
   return summary
 
 
