@@ -5,7 +5,9 @@ r"""The end-to-end demo on the embedded default (``make demo``).
 Generates the synthetic interaction tasks, trains the tiny model for the
 config's step budget on 8 virtual CPU devices with checkpoints, restores the
 final checkpoint onto one device, replays the held-out conversations through
-the micro-turn step (the serving path) and prints what the model does per task.
+the micro-turn step (the serving path) and prints what the model does per task,
+then streams them through the sessions engine free-running and prints the
+interaction metrics beside their targets (serving/README.md).
 """
 
 import pathlib
@@ -28,7 +30,7 @@ def main(argv):
   from data_pipeline.pipeline import make_pipeline
   from interaction import checkpoint, sharding, train, trainer
   from interaction import config as config_lib
-  from serving import replay
+  from serving import evaluate, replay
 
   config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
   summary = trainer.run(config, workdir)
@@ -55,6 +57,10 @@ def main(argv):
     s = scores[task_id]
     print(f"{synthetic.TASKS[task_id]:<22}{s['spoken_acc']:>20.1%}{s['silent_acc']:>14.1%}{s['mean_logprob']:>12.3f}")
   print("(greedy choice per text_out slot given the true past, teacher-forced at every 200 ms tick)")
+  print()
+  print("free-running evaluation: held-out conversations streamed through the sessions engine in simulated real time")
+  evaluate.run(workdir, data_dir, slots=32, output_dir=workdir / "eval")
+  print(f"report and timeline PNGs: {workdir / 'eval'}")
 
 
 if __name__ == "__main__":
