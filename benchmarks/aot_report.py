@@ -54,9 +54,11 @@ def table(rows: list[dict]) -> str:
     if "error" in r:
       lines.append(f"{r['topology']:<9}{'':>6} {r['job']:<6} error: {r['error']}")
       continue
+    size = (">" if r["compile_error"] else "") + f"{r['total_bytes'] / GIB:.2f}"
     lines.append(
       f"{r['topology']:<9}{r['chips']:>6} {r['job']:<6}{r['batch']:>6}{r['tokens_per_step']:>10,}"
-      f"{json.dumps(r['mesh']):>28}{r['total_bytes'] / GIB:>10.2f}{r['hbm_bytes'] / GIB:>5.0f}"
+      f"{json.dumps(r['mesh']):>28}{size:>10}"
+      f"{r['hbm_bytes'] / GIB:>5.0f}"
       f"{'yes' if r['fits'] else 'NO':>6}{r['model_flops_per_chip']:>18.3e}{r['roofline_step_s'] * 1e3:>13.1f}"
       f"{r['roofline_mfu']:>7.1%}{r['compile_s']:>11.0f}"
     )
@@ -78,6 +80,8 @@ def main():
     rows.append(compile_row(*ROWS[name], args.timeout))
   print(f"276B-total / 12B-active MoE ({CONFIG}); per-chip bytes = arguments + outputs - aliased + temporaries")
   print(table(rows))
+  if any(r.get("compile_error") for r in rows):
+    print("'>': the compiler stopped at its HBM limit; arguments + the temporaries it had reached, a lower bound")
   targets = {
     "v5p-256 train <= 60 GiB/chip": any(
       r.get("topology") == "v5p-256" and r.get("job") == "train" and r.get("total_bytes", 1e99) <= 60 * GIB
