@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow lint format bench clean
+.PHONY: demo test test-slow lint format bench aot clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,tpu]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -17,10 +17,10 @@ demo: $(VENV)/.installed
 	$(PY) -m launch.demo --config experiments/tiny.py --workdir workdir/demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.installed
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs -m slow $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
@@ -32,6 +32,9 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/step_latency.py
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/train_throughput.py
+
+aot: $(VENV)/.installed
+	$(PY) benchmarks/aot_report.py  # ~20 min: compiles the 276B config for TPU slices
 
 clean:
 	rm -rf $(VENV) .pytest_cache workdir
