@@ -1,7 +1,7 @@
 r"""Step latency and MoE-vs-dense forward time for the tiny config.
 
   PYTHONPATH=. python benchmarks/step_latency.py [--ticks 500] [--slots 1,8,32] [--quick]
-                                                [--reps 20] [--step-gmm-tile N]
+                                                [--paired 60] [--reps 20] [--step-gmm-tile N]
 
 (``make bench`` runs it with the package installed.) Prints two tables and, as
 the last line, one JSON object with the same figures:
@@ -11,7 +11,9 @@ the last line, one JSON object with the same figures:
   ticks at 17 tokens per turn: median and p99 ms per tick, and tail/head, the
   mean of the last 50 ticks over the first 50. A persistent session should be
   flat (target <= 1.05): every shape is static, so a tick costs the same at
-  turn 10 and at turn 10,000.
+  turn 10 and at turn 10,000. On a busy host tail/head also measures the load
+  changing, so old/fresh (an old and a fresh session ticked alternately) is
+  shown beside it: it stays near 1 under load unless the step itself drifts.
 - the MoE layer's jitted forward over a dense SwiGLU with the same active
   parameters per token (top-k routed plus shared experts), at a tiny training
   batch (8 windows x 16 turns x 17 tokens) and at 16k tokens (target <= 1.3x),
@@ -82,7 +84,30 @@ def time_ticks(step, params, state, inputs, ticks: int):
     state, out = step(params, state, turn_inputs, rng)
     jax.block_until_ready((state, out))
     wall_ms[i], cpu_ms[i] = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
-  return wall_ms, cpu_ms, first_s, len(_compiles) - compiled_before
+  return state, wall_ms, cpu_ms, first_s, len(_compiles) - compiled_before
+
+
+def old_over_fresh(step, params, old, inputs, rounds: int, cfg, cache_tokens: int) -> float:
+  """Median over rounds of (tick of ``old``) / (tick of a fresh session), ticked alternately.
+
+  Both ticks of a round see the same machine load, so unlike tail/head this ratio stays near 1 on a busy
+  host unless a tick's cost depends on the session's age. The fresh session restarts each time its ring
+  buffer would first wrap, so it is always filling its cache while ``old`` has wrapped many times.
+  """
+  rng, ratios = jax.random.key(0), []
+  fill_ticks = max(1, cache_tokens // interaction.layout.tokens_per_turn(cfg.streams))
+  for i in range(rounds):
+    if i % fill_ticks == 0:
+      fresh = interaction.step.init_state(cfg, old.turn.shape[0], cache_tokens)
+    turn_inputs = inputs[i % len(inputs)]
+    t0 = time.perf_counter()
+    old, out = step(params, old, turn_inputs, rng)
+    jax.block_until_ready((old, out))
+    t1 = time.perf_counter()
+    fresh, out = step(params, fresh, turn_inputs, rng)
+    jax.block_until_ready((fresh, out))
+    ratios.append((t1 - t0) / (time.perf_counter() - t1))
+  return float(np.median(ratios))
 
 
 def tail_over_head(times, average=np.mean) -> float:
@@ -112,7 +137,7 @@ def step_stats(wall_ms, cpu_ms, first_s: float, recompiles: int, load: tuple[flo
   }
 
 
-def bench_step(cfg, slots_list, ticks: int, cache_tokens: int) -> dict:
+def bench_step(cfg, slots_list, ticks: int, cache_tokens: int, paired: int) -> dict:
   model = InteractionModel(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   step = interaction.step.Step(graphdef, cfg)
@@ -122,8 +147,9 @@ def bench_step(cfg, slots_list, ticks: int, cache_tokens: int) -> dict:
     state = interaction.step.init_state(cfg, slots, cache_tokens)
     inputs = [interaction.layout.random_streams(in_specs, (slots,), seed) for seed in range(NUM_INPUTS)]
     load = os.getloadavg()[0]
-    wall_ms, cpu_ms, first_s, recompiles = time_ticks(step, params, state, inputs, ticks)
+    state, wall_ms, cpu_ms, first_s, recompiles = time_ticks(step, params, state, inputs, ticks)
     results[str(slots)] = step_stats(wall_ms, cpu_ms, first_s, recompiles, (load, os.getloadavg()[0]))
+    results[str(slots)]["old_over_fresh"] = old_over_fresh(step, params, state, inputs, paired, cfg, cache_tokens)
     print(f"  {slots} slots done: median {results[str(slots)]['median_ms']:.2f} ms", flush=True)
   return results
 
@@ -131,14 +157,14 @@ def bench_step(cfg, slots_list, ticks: int, cache_tokens: int) -> dict:
 def print_step_table(results: dict, tick_ms: float) -> None:
   print(
     f"{'slots':>5}  {'1st tick s':>10}  {'median ms':>9}  {'p99 ms':>8}  {'max ms':>8}  {'p99/tick':>8}  "
-    f"{'tail/head':>9}  {'target':>11}  {'(medians)':>9}  {'cpu ms':>7}  {'cpu t/h':>7}  {'load':>11}  {'recompiles':>10}"
+    f"{'tail/head':>9}  {'target':>11}  {'(medians)':>9}  {'cpu ms':>7}  {'cpu t/h':>7}  {'old/fresh':>9}  {'load':>11}  {'recompiles':>10}"
   )
   for slots, r in results.items():
     verdict = "PASS" if r["pass"] else "FAIL"
     print(
       f"{slots:>5}  {r['first_tick_s']:>10.2f}  {r['median_ms']:>9.2f}  {r['p99_ms']:>8.2f}  {r['max_ms']:>8.2f}  "
       f"{r['p99_ms'] / tick_ms:>8.2f}  {r['tail_head']:>9.3f}  {'<=' + str(TAIL_HEAD_TARGET):>6} {verdict}  "
-      f"{r['tail_head_median']:>9.3f}  {r['cpu_median_ms']:>7.2f}  {r['cpu_tail_head']:>7.3f}  "
+      f"{r['tail_head_median']:>9.3f}  {r['cpu_median_ms']:>7.2f}  {r['cpu_tail_head']:>7.3f}  {r['old_over_fresh']:>9.3f}  "
       f"{r['loadavg'][0]:>5.2f}-{r['loadavg'][1]:<5.2f}  {r['recompiles']:>10}"
     )
 
@@ -239,12 +265,13 @@ def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--ticks", type=int, default=500, help="timed ticks per slot count, after warm-up")
   parser.add_argument("--slots", default="1,8,32", help="comma-separated slot counts")
+  parser.add_argument("--paired", type=int, default=60, help="alternating old/fresh session rounds per slot count")
   parser.add_argument("--reps", type=int, default=20, help="interleaved runs per MoE/dense variant")
   parser.add_argument("--step-gmm-tile", type=int, help="override the config's gmm_tile in the step (default: config)")
   parser.add_argument("--quick", action="store_true", help="smoke run: 30 ticks, 3 MoE runs")
   args = parser.parse_args()
   if args.quick:
-    args.ticks, args.reps = 30, 3
+    args.ticks, args.reps, args.paired = 30, 3, 10
   args.slots = [int(s) for s in args.slots.split(",")]
   return args
 
@@ -264,7 +291,7 @@ def main():
   print(f"step_latency: tiny config, {header}, load average {load_start[0]:.2f}", flush=True)
 
   step_cfg = cfg if args.step_gmm_tile is None else dataclasses.replace(cfg, gmm_tile=args.step_gmm_tile)
-  step = bench_step(step_cfg, args.slots, args.ticks, cache_tokens)
+  step = bench_step(step_cfg, args.slots, args.ticks, cache_tokens, args.paired)
   edge = min(EDGE_TICKS, args.ticks // 2)
   wraps = (WARMUP_TICKS + args.ticks) * s_turn / cache_tokens
   print(
@@ -272,8 +299,9 @@ def main():
     f"{args.ticks} ticks after {WARMUP_TICKS} warm-up; cache {cache_tokens} tokens at "
     f"{s_turn} tokens/turn (the ring buffer fills {wraps:.1f} times); tail/head = mean of last {edge} / "
     f"first {edge} timed ticks; p99/tick = p99 over the {tick_ms:.0f} ms micro-turn. Diagnostics: (medians) = "
-    "tail/head on medians, cpu = process CPU time per tick (less sensitive to other processes), load = 1-min load "
-    "average before-after"
+    "tail/head on medians, cpu = process CPU time per tick (less sensitive to other processes), old/fresh = median "
+    "ratio of alternating ticks of this session (after the timed ticks) and of a fresh one (cache filling), "
+    "which machine load cancels from; load = 1-min load average before-after"
   )
   print_step_table(step, tick_ms)
 
