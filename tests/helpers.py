@@ -13,6 +13,20 @@ from interaction import config as config_lib
 from interaction import layout, objective
 from interaction.model import InteractionModel
 
+# A smaller tiny for tests that run many ticks; the engine and evaluator logic is size-blind.
+SMALL_MODEL = dict(
+  num_layers=2,
+  num_dense_layers=1,
+  attention_window=68,
+  d_model=64,
+  num_heads=2,
+  num_kv_heads=1,
+  dense_ffn_dim=128,
+  expert_ffn_dim=64,
+  flow_hidden=64,
+  flow_steps=2,
+)
+
 
 def tiny_cfg(**overrides) -> config_lib.ModelConfig:
   return dataclasses.replace(config_lib.model_config(tiny.get_config()), **overrides)

@@ -10,25 +10,13 @@ import pytest
 
 from interaction import layout, text
 from serving.engine import Engine, EngineFullError, Sampling
-from tests.helpers import make_model, tiny_cfg
+from tests.helpers import SMALL_MODEL, make_model, tiny_cfg
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def small_cfg():
-  # Two layers and a 4-turn window keep 1000 ticks within seconds; the engine logic is size-blind.
-  return tiny_cfg(
-    num_layers=2,
-    num_dense_layers=1,
-    attention_window=68,
-    d_model=64,
-    num_heads=2,
-    num_kv_heads=1,
-    dense_ffn_dim=128,
-    expert_ffn_dim=64,
-    flow_hidden=64,
-    flow_steps=2,
-  )
+  return tiny_cfg(**SMALL_MODEL)
 
 
 _SHARED = {}

@@ -12,20 +12,7 @@ from data_pipeline import synthetic
 from experiments import tiny
 from interaction import checkpoint
 from serving import evaluate, load, metrics
-from tests.helpers import make_model
-
-SMALL = dict(
-  num_layers=2,
-  num_dense_layers=1,
-  attention_window=68,
-  d_model=64,
-  num_heads=2,
-  num_kv_heads=1,
-  dense_ffn_dim=128,
-  expert_ffn_dim=64,
-  flow_hidden=64,
-  flow_steps=2,
-)
+from tests.helpers import SMALL_MODEL, make_model
 
 
 def save_checkpoint(tmp_path, small_cfg_config=True, with_config_json=True, step=3):
@@ -34,7 +21,7 @@ def save_checkpoint(tmp_path, small_cfg_config=True, with_config_json=True, step
 
   config = tiny.get_config()
   if small_cfg_config:
-    config.model.update(SMALL)
+    config.model.update(SMALL_MODEL)
   config.serve.cache_tokens = config.model.attention_window
   cfg = config_lib.model_config(config)
   _, params = make_model(cfg, seed=3)
