@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from interaction import layout, text
@@ -203,7 +202,3 @@ class Step:
   def __call__(self, params, state: StepState, turn_inputs, rng, forced=None):
     self.check(state, turn_inputs, forced)
     return self._jitted(params, state, turn_inputs, rng, forced)
-
-
-def as_numpy(tree):
-  return jax.tree.map(np.asarray, tree)

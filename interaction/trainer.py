@@ -160,23 +160,27 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   bar = _progress(start, tc.steps, progress and main)
   last_losses, t_last, steps_since, preempted = {}, time.perf_counter(), 0, False
   check_every = max(int(tc.get("preemption_check_every", 1)), 1)
+  nan_steps = frozenset(tc.get("inject_nan_steps", ()))
   for step in range(start, tc.steps):
     batch = train.model_batch(cfg, next(it))
-    if step in tuple(tc.get("inject_nan_steps", ())):
+    if step in nan_steps:
       batch = dict(batch, audio_out=np.full_like(batch["audio_out"], np.nan))
     state, m = step_fn(state, train.global_batch(batch, mesh, whole=whole))
     steps_since += 1
     done = step + 1
     if done % tc.log_every == 0 or done == tc.steps:
-      m = jax.device_get(m)
       elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
-      rate = steps_since / elapsed
+      scale = steps_since / elapsed
+      last_losses = _log_metrics(
+        writer,
+        bar,
+        done,
+        jax.device_get(m),
+        state,
+        scale * tokens_per_batch,
+        scale * window_flops * config.data.batch_size / peak,
+      )
       steps_since = 0
-      last_losses = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
-      row = dict(m, tokens_per_sec=rate * tokens_per_batch, mfu=rate * window_flops * config.data.batch_size / peak)
-      row["skipped_steps"] = int(state.skipped)
-      writer.write(done, row)
-      bar.update(done, last_losses.get("total", float("nan")), row["tokens_per_sec"])
     if int(state.bad_streak) >= tc.max_bad_steps:
       bar.close()
       raise NonFiniteError(
@@ -195,15 +199,11 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   if preempted:
     log(f"preempted: process {jax.process_index()} saved step {ckpt.latest_step()} and stops; a restart resumes there")
     distributed.barrier("preempted")
-    writer.close()
-    ckpt.close()
-    it.close()
+    _close(writer, ckpt, it)
     return {"step": int(state.step), "preempted": True, "checkpoint": ckpt.latest_step()}
   eval_losses = evaluate(config, data_dir, state.params, make_eval_loss(graphdef, cfg, tc, mesh), cfg, mesh)
   writer.write(tc.steps, {f"eval/{k}": v for k, v in eval_losses.items()})
-  writer.close()
-  ckpt.close()
-  it.close()
+  _close(writer, ckpt, it)
   summary = {
     "step": int(state.step),
     "skipped": int(state.skipped),
@@ -214,6 +214,20 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   log("summary " + json.dumps(summary))
   distributed.barrier("finished")
   return summary
+
+
+def _log_metrics(writer, bar, step: int, m: dict, state, tokens_per_sec: float, mfu: float) -> dict:
+  """Write one metrics row and advance the progress bar; returns the scalar losses."""
+  losses = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
+  writer.write(step, dict(m, tokens_per_sec=tokens_per_sec, mfu=mfu, skipped_steps=int(state.skipped)))
+  bar.update(step, losses.get("total", float("nan")), tokens_per_sec)
+  return losses
+
+
+def _close(writer, ckpt, it) -> None:
+  writer.close()
+  ckpt.close()
+  it.close()
 
 
 class _progress:
