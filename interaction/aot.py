@@ -157,8 +157,8 @@ def serve_state_shardings(state, mesh):
   """Session slots over the batch axes, kv heads over tensor; the rest replicated."""
 
   def spec(x):
-    if x.ndim == 5:  # [L, B, C, K, E] kv cache
-      return sharding.logical_to_spec(("layers", "batch", "cache", "kv_heads", "head_dim"), mesh)
+    if x.ndim == 5:  # [L, B, K, C, E] kv cache
+      return sharding.logical_to_spec(("layers", "batch", "kv_heads", "cache", "head_dim"), mesh)
     return sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), mesh)
 
   return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), state)

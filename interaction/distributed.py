@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from typing import NoReturn
 
 import jax
 import numpy as np
@@ -168,18 +169,26 @@ def start_watchdog(interval: float = 1.0) -> threading.Thread | None:
           seen[p] = (value, now)
       lost = sorted(p for p, (_, since) in seen.items() if now - since >= limit)
       if lost:
-        print(
-          f"error: process {me}: lost contact with process(es) {lost} of {n}: no heartbeat for {limit:.0f} s; "
-          "they have died or hang. Exiting so the job can restart from its last checkpoint.",
-          file=sys.stderr,
-          flush=True,
+        abandon(
+          f"process {me}: lost contact with process(es) {lost} of {n}: no heartbeat for {limit:.0f} s; "
+          "they have died or hang. Exiting so the job can restart from its last checkpoint."
         )
-        os._exit(PEER_LOST_EXIT)
 
   global _watchdog
   _watchdog = threading.Thread(target=watch, name="interaction-peer-watchdog", daemon=True)
   _watchdog.start()
   return _watchdog
+
+
+def abandon(message: str, code: int = PEER_LOST_EXIT) -> NoReturn:
+  """Print ``error: message`` and exit now with ``code``, skipping ``jax.distributed.shutdown``.
+
+  With a peer gone, the normal exit path's shutdown barrier waits for it and can
+  abort the process (SIGABRT), losing the exit status the launcher acts on.
+  """
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(code)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from interaction import sharding
@@ -68,11 +69,12 @@ class Attention(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, x_BTD, positions_BT, cache=None):
-    """Returns ``(y_BTD, (k_BCKE, v_BCKE) or None)``.
+    """Returns ``(y_BTD, (k_BTKE, v_BTKE))``: the output and the new tokens' keys and values.
 
-    ``cache`` is ``(k_BCKE, v_BCKE, pos_BC)``: the ring buffer and the absolute
-    position of each entry (-1 when empty). The new keys are written at
-    ``position % C``.
+    ``cache`` is ``(k_BKCE, v_BKCE, pos_BC)``: the ring buffer and the absolute
+    position of each entry (-1 when empty). It is only read: the caller writes
+    the returned keys at ``position % C`` once for every layer (``write_cache``),
+    so a step never copies the buffer per layer.
     """
     dt = self.dtype
     x = x_BTD.astype(dt)
@@ -84,31 +86,27 @@ class Attention(nnx.Module):
     q_BTHE = rope(q_BTHE, positions_BT, self.theta)
     k_BTKE = rope(k_BTKE, positions_BT, self.theta)
 
-    if cache is None:
-      keys, values, key_pos_BS = k_BTKE, v_BTKE, positions_BT
-      new_cache = None
-    else:
-      ck_BCKE, cv_BCKE, cpos_BC = cache
-      keys = jnp.concatenate([ck_BCKE.astype(dt), k_BTKE], axis=1)
-      values = jnp.concatenate([cv_BCKE.astype(dt), v_BTKE], axis=1)
-      key_pos_BS = jnp.concatenate([cpos_BC, positions_BT], axis=1)
-      slot_BT = positions_BT % ck_BCKE.shape[1]
-      b_B1 = jnp.arange(x.shape[0])[:, None]
-      new_cache = (
-        ck_BCKE.at[b_B1, slot_BT].set(k_BTKE.astype(ck_BCKE.dtype)),
-        cv_BCKE.at[b_B1, slot_BT].set(v_BTKE.astype(cv_BCKE.dtype)),
-      )
-
     b, t, h, e = q_BTHE.shape
     q_BTKGE = q_BTHE.reshape(b, t, self.num_kv_heads, h // self.num_kv_heads, e)
-    logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, keys).astype(jnp.float32) * e**-0.5
-    delta_BTS = positions_BT[:, :, None] - key_pos_BS[:, None, :]
-    visible_BTS = (key_pos_BS[:, None, :] >= 0) & (delta_BTS >= 0) & (delta_BTS < self.window)
-    logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
-    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, values)
+    # Logits over the cache and over the new tokens side by side: one softmax, no concatenated key copy.
+    parts = [(jnp.swapaxes(k_BTKE, 1, 2), jnp.swapaxes(v_BTKE, 1, 2), positions_BT)]
+    if cache is not None:
+      ck_BKCE, cv_BKCE, cpos_BC = cache
+      parts.insert(0, (ck_BKCE.astype(dt), cv_BKCE.astype(dt), cpos_BC))
+    logits = []
+    for keys_BKSE, _, key_pos_BS in parts:
+      logits_BKGTS = jnp.einsum("btkge,bkse->bkgts", q_BTKGE, keys_BKSE).astype(jnp.float32) * e**-0.5
+      delta_BTS = positions_BT[:, :, None] - key_pos_BS[:, None, :]
+      visible_BTS = (key_pos_BS[:, None, :] >= 0) & (delta_BTS >= 0) & (delta_BTS < self.window)
+      logits.append(jnp.where(visible_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min))
+    probs_BKGTS = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1).astype(dt)
+    splits = np.cumsum([p[0].shape[2] for p in parts])[:-1]
+    out_BTKGE = sum(
+      jnp.einsum("bkgts,bkse->btkge", probs, values_BKSE)
+      for probs, (_, values_BKSE, _) in zip(jnp.split(probs_BKGTS, splits, axis=-1), parts, strict=True)
+    )
     y_BTD = jnp.einsum("bthe,hed->btd", out_BTKGE.reshape(b, t, h, e), self.o[...].astype(dt))
-    return y_BTD, new_cache
+    return y_BTD, (k_BTKE, v_BTKE)
 
 
 class SwiGLU(nnx.Module):

@@ -35,9 +35,9 @@ REMAT_POLICIES = {
 class KVCache(NamedTuple):
   """Ring-buffer KV cache of every layer, plus each entry's absolute position."""
 
-  dense_k: jax.Array  # [Ld, B, C, K, E]
+  dense_k: jax.Array  # [Ld, B, K, C, E]: kv heads before capacity, so both attention dots read it as stored
   dense_v: jax.Array
-  moe_k: jax.Array  # [Lm, B, C, K, E]
+  moe_k: jax.Array  # [Lm, B, K, C, E]
   moe_v: jax.Array
   pos: jax.Array  # [B, C] int32, -1 where empty
 
@@ -50,7 +50,7 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCac
   dtype = jnp.dtype(dtype or cfg.dtype)
 
   def kv(layers):
-    return jnp.zeros((layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim), dtype)
+    return jnp.zeros((layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim), dtype)
 
   return KVCache(
     kv(cfg.num_dense_layers),
@@ -58,6 +58,28 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCac
     kv(cfg.num_moe_layers),
     kv(cfg.num_moe_layers),
     jnp.full((batch, capacity), -1, jnp.int32),
+  )
+
+
+def write_cache(cache: KVCache, positions_BT, dense_kv, moe_kv) -> KVCache:
+  """The cache with every layer's new keys and values ``[L, B, T, K, E]`` written at ``position % C``.
+
+  One scatter per buffer after the layer scan (in place when the step donates the state).
+  """
+  b_B1, slot_BT = jnp.arange(positions_BT.shape[0])[:, None], positions_BT % cache.capacity
+
+  def put(buffer_LBKCE, new_LBTKE):
+    if new_LBTKE is None:
+      return buffer_LBKCE
+    # Advanced indices (b, slot) split by a slice go first: the update is [B, T, L, K, E].
+    return buffer_LBKCE.at[:, b_B1, :, slot_BT].set(jnp.moveaxis(new_LBTKE, 0, 2).astype(buffer_LBKCE.dtype))
+
+  return KVCache(
+    put(cache.dense_k, dense_kv[0]),
+    put(cache.dense_v, dense_kv[1]),
+    put(cache.moe_k, moe_kv[0]),
+    put(cache.moe_v, moe_kv[1]),
+    cache.pos.at[b_B1, slot_BT].set(positions_BT),
   )
 
 
@@ -102,20 +124,20 @@ class Stack(nnx.Module):
     self.remat = cfg.remat
 
   def __call__(self, x_BTD, positions_BT, cache_k, cache_v, cache_pos):
-    """Returns ``(x_BTD, (k, v) or None, stats stacked over layers or None)``."""
+    """Returns ``(x_BTD, new (k_LBTKE, v_LBTKE) or None without a cache, stats stacked over layers)``."""
     graphdef, params = nnx.split(self.blocks)
 
     def body(x, layer):
       layer_params, k, v = layer
       block = nnx.merge(graphdef, layer_params)
       cache = None if k is None else (k, v, cache_pos)
-      x, new_cache, stats = block(x, positions_BT, cache)
-      return x, (new_cache, stats)
+      x, new_kv, stats = block(x, positions_BT, cache)
+      return x, (None if cache is None else new_kv, stats)
 
     if self.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    x_BTD, (new_cache, stats) = jax.lax.scan(body, x_BTD, (params, cache_k, cache_v))
-    return x_BTD, new_cache, stats
+    x_BTD, (new_kv, stats) = jax.lax.scan(body, x_BTD, (params, cache_k, cache_v))
+    return x_BTD, new_kv, stats
 
 
 class InteractionModel(nnx.Module):
@@ -201,18 +223,12 @@ class InteractionModel(nnx.Module):
     dense_kv = none if cache is None else (cache.dense_k, cache.dense_v)
     moe_kv = none if cache is None else (cache.moe_k, cache.moe_v)
     pos = None if cache is None else cache.pos
-    stats = None
+    stats, new_dense, new_moe = None, none, none
     if self.dense is not None:
-      x_BTD, dense_kv, _ = self.dense(x_BTD, positions_BT, *dense_kv, pos)
+      x_BTD, new_dense, _ = self.dense(x_BTD, positions_BT, *dense_kv, pos)
     if self.moe is not None:
-      x_BTD, moe_kv, stats = self.moe(x_BTD, positions_BT, *moe_kv, pos)
-    new_cache = None
-    if cache is not None:
-      b_B1 = jnp.arange(x_BTD.shape[0])[:, None]
-      new_pos = cache.pos.at[b_B1, positions_BT % cache.capacity].set(positions_BT)
-      empty = (cache.dense_k, cache.dense_v) if self.dense is None else dense_kv
-      empty_moe = (cache.moe_k, cache.moe_v) if self.moe is None else moe_kv
-      new_cache = KVCache(*empty, *empty_moe, new_pos)
+      x_BTD, new_moe, stats = self.moe(x_BTD, positions_BT, *moe_kv, pos)
+    new_cache = None if cache is None else write_cache(cache, positions_BT, new_dense, new_moe)
     return self.final_norm(x_BTD), new_cache, stats
 
   # -- heads --------------------------------------------------------------------

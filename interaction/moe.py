@@ -79,10 +79,14 @@ def tiled_grouped_matmul(x_MD, w_LDF, group_sizes_L, tile: int):
 
   Each group's rows are padded up to a multiple of ``tile``, so a tile never
   spans two groups; tiles past the last group are skipped. Rows past
-  ``sum(group_sizes)`` produce zeros. Cost is at most (M + L * tile) rows.
+  ``sum(group_sizes)`` produce zeros. Cost is at most (M + L * tile) rows, so
+  when M is small (the step's one-token forwards) the tile shrinks to the power
+  of two that covers an even share, M / L rows (at least 8): same result, the
+  padding no longer dominates.
   """
   m, d = x_MD.shape
   num_groups = w_LDF.shape[0]
+  tile = min(tile, max(8, 1 << max(-(-m // num_groups) - 1, 0).bit_length()))
   num_tiles = -(-m // tile) + num_groups
   ends_L = jnp.cumsum(group_sizes_L)
   starts_L = ends_L - group_sizes_L

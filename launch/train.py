@@ -24,13 +24,15 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (log lines 
 
 def main(argv):
   del argv
-  from interaction import trainer
+  from interaction import distributed, trainer
 
   try:
     trainer.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value, progress=_PROGRESS.value)
   except trainer.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(3)
+  except distributed.BarrierTimeoutError as e:
+    distributed.abandon(f"{e}. Exiting so the job can restart from its last checkpoint.")
 
 
 def run():

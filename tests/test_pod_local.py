@@ -83,13 +83,14 @@ def test_barrier_names_the_process_that_did_not_arrive():
     try:
       distributed.barrier("test", timeout=3)
     except distributed.BarrierTimeoutError as e:
-      print("caught:", e, flush=True)
-      sys.exit(9)
+      distributed.abandon(f"caught: {e}", code=9)  # what launch.train does (with the restartable status)
   """
   procs = spawn(script, 2, timeout=30, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   try:
     out, _ = procs[0].communicate(timeout=60)
+    # The exit status survives: no shutdown barrier waiting for (and aborting on) the missing peer.
     assert procs[0].returncode == 9, out
+    assert "error: caught:" in out
     assert "barrier 'test': process(es) [1] of 2 did not arrive within 3 s" in out
   finally:
     for p in procs:
