@@ -79,6 +79,16 @@ def _set_slot(state, mask_B, seed, temperature, top_p, active):
   return step_lib.reset_slots(state, mask_B, seed_B=seed, temperature_B=temperature, top_p_B=top_p, active_B=active)
 
 
+@jax.jit
+def _set_sampling(state, mask_B, seed, temperature, top_p):
+  def pick(new, old):
+    return jnp.where(mask_B, new.astype(old.dtype), old)
+
+  return state._replace(
+    seed=pick(seed, state.seed), temperature=pick(temperature, state.temperature), top_p=pick(top_p, state.top_p)
+  )
+
+
 class Engine:
   """``slots`` sessions served by one compiled step; see the module docstring."""
 
@@ -89,7 +99,11 @@ class Engine:
       raise ValueError(f"slots must be >= 1, got {slots}")
     self.cfg, self.params, self.slots = cfg, params, slots
     self.step = step_lib.Step(graphdef, cfg)
-    self.state = step_lib.init_state(cfg, slots, cache_tokens)._replace(active=jnp.zeros((slots,), bool))
+    state = step_lib.init_state(cfg, slots, cache_tokens)._replace(active=jnp.zeros((slots,), bool))
+    devices = {d for leaf in jax.tree.leaves(params) for d in leaf.devices()}
+    if len(devices) == 1:  # committed like every state the step returns, else the second tick recompiles
+      state = jax.device_put(state, devices.pop())
+    self.state = state
     self.rng = jax.random.key(rng_seed)
     self.tools, self.background = tools, background
     self.sessions: dict[int, Session] = {}
@@ -132,13 +146,31 @@ class Engine:
 
   def leave(self, session: Session | int) -> None:
     """Free the session's slot; its pending calls are dropped."""
-    sid = session if isinstance(session, int) else session.id
-    if sid not in self.sessions:
-      raise KeyError(f"no live session {sid}")
-    session = self.sessions.pop(sid)
+    session = self.sessions.pop(self._live(session).id)
     for call in session.open_calls:
       call.cancel()
     self._update_slot(session.slot, Sampling(), False)
+
+  def configure(self, session: Session | int, sampling: Sampling) -> None:
+    """New sampling settings from the next tick on; the session's cache and micro-turn are kept."""
+    session = self._live(session)
+    session.sampling = sampling
+    mask = np.arange(self.slots) == session.slot
+    self.state = _set_sampling(
+      self.state, mask, np.uint32(sampling.seed), np.float32(sampling.temperature), np.float32(sampling.top_p)
+    )
+
+  def say(self, session: Session | int, message: str) -> None:
+    """Queue the user's typed text for the session's ``text_in`` (PAD slots, in order, after earlier text)."""
+    if self.text_in is None:
+      raise ValueError("this model has no text_in stream")
+    self._live(session).pending.extend(text.encode(message).tolist())
+
+  def _live(self, session: Session | int) -> Session:
+    sid = session if isinstance(session, int) else session.id
+    if sid not in self.sessions:
+      raise KeyError(f"no live session {sid}")
+    return self.sessions[sid]
 
   # -- ticks --------------------------------------------------------------------
 

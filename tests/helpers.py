@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from experiments import tiny
+from interaction import checkpoint, layout, objective
 from interaction import config as config_lib
-from interaction import layout, objective
 from interaction.model import InteractionModel
 
 # A smaller tiny for tests that run many ticks; the engine and evaluator logic is size-blind.
@@ -50,3 +52,29 @@ def loss_fn(graphdef):
     return objective.losses(model, objective.window_outputs(model, batch, jax.random.key(0)), batch)
 
   return f
+
+
+def save_checkpoint(tmp_path, small_cfg_config=True, with_config_json=True, step=3):
+  """A trainer-layout workdir holding random parameters and an optimizer state the loader must skip."""
+  config = tiny.get_config()
+  if small_cfg_config:
+    config.model.update(SMALL_MODEL)
+  config.serve.cache_tokens = config.model.attention_window
+  cfg = config_lib.model_config(config)
+  _, params = make_model(cfg, seed=3)
+  params = nnx.to_pure_dict(params)
+  workdir = tmp_path / "work"
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
+  state = {
+    "step": jnp.int32(step),
+    "params": params,
+    "opt_state": {"mu": jax.tree.map(jnp.ones_like, params), "count": jnp.int32(7)},
+    "skipped": jnp.int32(0),
+    "bad_streak": jnp.int32(0),
+  }
+  ckpt.save(step, state, {}, {"config": json.loads(config.to_json())})
+  ckpt.wait()
+  ckpt.close()
+  if with_config_json:
+    (workdir / "config.json").write_text(config.to_json())
+  return workdir

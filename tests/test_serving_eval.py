@@ -2,45 +2,14 @@
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from data_pipeline import synthetic
-from experiments import tiny
 from interaction import checkpoint
 from serving import evaluate, load, metrics
-from tests.helpers import SMALL_MODEL, make_model
-
-
-def save_checkpoint(tmp_path, small_cfg_config=True, with_config_json=True, step=3):
-  """A trainer-layout workdir holding random parameters and an optimizer state the loader must skip."""
-  from interaction import config as config_lib
-
-  config = tiny.get_config()
-  if small_cfg_config:
-    config.model.update(SMALL_MODEL)
-  config.serve.cache_tokens = config.model.attention_window
-  cfg = config_lib.model_config(config)
-  _, params = make_model(cfg, seed=3)
-  params = nnx.to_pure_dict(params)
-  workdir = tmp_path / "work"
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
-  state = {
-    "step": jnp.int32(step),
-    "params": params,
-    "opt_state": {"mu": jax.tree.map(jnp.ones_like, params), "count": jnp.int32(7)},
-    "skipped": jnp.int32(0),
-    "bad_streak": jnp.int32(0),
-  }
-  ckpt.save(step, state, {}, {"config": json.loads(config.to_json())})
-  ckpt.wait()
-  ckpt.close()
-  if with_config_json:
-    (workdir / "config.json").write_text(config.to_json())
-  return workdir
+from tests.helpers import make_model, save_checkpoint
 
 
 def test_load_params_reads_the_parameters_only(tmp_path):
