@@ -32,6 +32,7 @@ import os
 import pathlib
 import secrets
 import signal
+import socket
 import struct
 import sys
 import time
@@ -55,8 +56,13 @@ SAMPLE_RATE = record.SAMPLE_RATE
 SAMPLES_PER_TICK = record.SAMPLES_PER_TURN
 TICK_S = layout.MICRO_TURN_SECONDS
 MAX_SIDE = 4096  # pixels: larger video frames are refused before decoding
+# Kernel send buffer per connection: fixed (no autotuning to megabytes), so a client that stops
+# reading reaches the server's unsent-output cap within seconds instead of minutes of queued audio.
+SEND_BUFFER_BYTES = 64 << 10
 SPEECH_RMS = 0.01  # -40 dBFS: the user's micro-turn "has speech energy" above this
 STATIC = pathlib.Path(__file__).parent / "static"
+# Every route; "<file>" is any file in STATIC. All but /healthz need the token.
+ROUTES = ("/", "/static/<file>", "/healthz", "/v1/stats", "/v1/session")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
 
 
@@ -310,7 +316,7 @@ class LiveServer:
       file = STATIC / name
       if "/" not in name and not name.startswith(".") and file.is_file():
         return self._response(200, file.read_bytes(), CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
-    return self._response(404, f"no route {path}; routes are /, /static/<file>, /healthz, /v1/stats, /v1/session")
+    return self._response(404, f"no route {path}; routes are {', '.join(ROUTES)}")
 
   def stats(self) -> dict:
     return {
@@ -348,6 +354,9 @@ class LiveServer:
       self.counters["refused_full"] += 1
       await ws.close(1013, f"server full: {len(self.clients)} of {self.engine.slots} slots in use")
       return
+    sock = ws.transport.get_extra_info("socket") if ws.transport is not None else None
+    if sock is not None:
+      sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
     client, key = Client(ws, time.monotonic()), self._next_id
     self._next_id += 1
     self.clients[key] = client  # the slot is reserved from here: admission counts it
@@ -481,6 +490,7 @@ class LiveServer:
 
   def _close(self, client: Client, code: int, reason: str) -> None:
     if not client.closing:
+      self.log(f"session {client.session.id if client.session else '-'}: closing with {code}: {reason}")
       client.closing = True
       client.outbox.clear()
       self._spawn(client.ws.close(code, reason))
