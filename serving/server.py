@@ -43,6 +43,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from data_pipeline import audio, featurize, record
 from interaction import layout, text
@@ -90,6 +91,8 @@ class Client:
 
   ws: ServerConnection
   started: float
+  key: int = 0
+  released: bool = False  # its slot is free again
   session: object = None
   audio: bytearray = dataclasses.field(default_factory=bytearray)
   video: np.ndarray | None = None  # newest frame since the last tick, at the model's frame size
@@ -357,9 +360,9 @@ class LiveServer:
     sock = ws.transport.get_extra_info("socket") if ws.transport is not None else None
     if sock is not None:
       sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-    client, key = Client(ws, time.monotonic()), self._next_id
+    client = Client(ws, time.monotonic(), key=self._next_id)
     self._next_id += 1
-    self.clients[key] = client  # the slot is reserved from here: admission counts it
+    self.clients[client.key] = client  # the slot is reserved from here: admission counts it
     writer = None
     try:
       try:
@@ -382,15 +385,22 @@ class LiveServer:
       pass
     except Exception as e:  # noqa: BLE001  (a bug must cost one session, never the server)
       self.counters["internal_errors"] += 1
-      self.log(f"session {key}: internal error: {type(e).__name__}: {e}")
+      self.log(f"session {client.key}: internal error: {type(e).__name__}: {e}")
       await ws.close(1011, f"server error: {type(e).__name__}")
     finally:
-      client.closing = True
       if writer is not None:
         writer.cancel()
-      if client.session is not None and not self._stopped:
-        await self._run(self.engine.leave, client.session.id)
-      del self.clients[key]
+      await self._release(client)
+
+  async def _release(self, client: Client) -> None:
+    """Free the client's slot (once): from its handler's end, or from a tick that sees its socket closing."""
+    client.closing = True
+    if client.released:
+      return
+    client.released = True
+    if client.session is not None and not self._stopped:
+      await self._run(self.engine.leave, client.session.id)
+    del self.clients[client.key]
 
   def _on_message(self, client: Client, message: bytes | str) -> None:
     if isinstance(message, bytes):
@@ -516,6 +526,10 @@ class LiveServer:
     now = time.monotonic()
     cuts = []
     for client in list(self.clients.values()):
+      if client.ws.state in (State.CLOSING, State.CLOSED) and client.session is not None:
+        # Closing (e.g. a dead peer failed the keepalive): free the slot now, not after the close timeout.
+        self._spawn(self._release(client))
+        continue
       if client.session is None or client.closing:
         continue
       if now - client.started > self.limits.max_session_s:
