@@ -61,6 +61,7 @@ def main(argv):
   print("free-running evaluation: held-out conversations streamed through the sessions engine in simulated real time")
   evaluate.run(workdir, data_dir, slots=32, output_dir=workdir / "eval")
   print(f"report and timeline PNGs: {workdir / 'eval'}")
+  print(f"talk to it live (browser client at the printed URL): python -m serving.server --checkpoint {workdir}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from data_pipeline import synthetic
@@ -199,3 +201,25 @@ def test_tiny_learns_the_synthetic_tasks_within_the_demo_budget(tmp_path):
 @pytest.mark.parametrize("trial", range(3, 23))
 def test_crash_consistency_many_random_kills(trial, tmp_path, data_dir, reference):
   test_sigkill_during_async_save_then_resume_is_exact(trial, tmp_path, data_dir, reference)
+
+
+def test_adam_with_moments_stored_in_float32_equals_optax_and_bfloat16_tracks_it():
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32), "b": jnp.zeros((8,), jnp.float32)}
+  grads = [jax.tree.map(lambda p, i=i: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params) for i in range(20)]
+
+  def run(tx):
+    p, state = params, tx.init(params)
+    for g in grads:
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return p, state
+
+  reference, _ = run(optax.scale_by_adam(0.9, 0.95))
+  f32, _ = run(train.scale_by_adam_stored_as(jnp.float32, 0.9, 0.95))
+  bf16, state = run(train.scale_by_adam_stored_as(jnp.bfloat16, 0.9, 0.95))
+  assert jax.tree.leaves(state.mu)[0].dtype == jnp.bfloat16 and jax.tree.leaves(state.nu)[0].dtype == jnp.bfloat16
+  for name in params:
+    np.testing.assert_allclose(f32[name], reference[name], rtol=1e-6, atol=1e-6)
+    moved = np.abs(np.asarray(reference[name]) - np.asarray(params[name])).max()
+    assert np.abs(np.asarray(bf16[name]) - np.asarray(reference[name])).max() < 0.02 * moved
