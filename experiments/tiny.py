@@ -88,6 +88,7 @@ def get_config():
       grad_accum=1,
       aux_weight=0.01,
       z_weight=1e-3,
+      transition_weight=1.0,  # text_out loss weight where speech starts or stops (objective.transition_weights)
       seed=0,
       log_every=10,
       checkpoint_every=100,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from interaction import moe
+from interaction import moe, text
 from interaction.model import InteractionModel
 
 
@@ -51,13 +51,37 @@ def window_outputs(model: InteractionModel, batch, rng):
   return outputs_from_embeddings(model, x_BTD, model.window_positions(first_turn, num_turns), batch, rng)
 
 
-def losses(model: InteractionModel, outputs, batch, *, aux_weight: float = 0.01, z_weight: float = 1e-3):
-  """Scalar losses: text cross-entropy, flow matching, MoE auxiliaries, and the total."""
+def transition_weights(target_BNn, pad: int, weight: float):
+  """``weight`` where the text stream starts or stops (a token whose PAD-ness differs from the slot before), else 1.
+
+  These few slots decide *when* the model speaks (turn taking, barge-in, interjections);
+  under plain cross-entropy they drown in the PAD-to-PAD slots around them.
+  """
+  b, n, k = target_BNn.shape
+  silent = (target_BNn == pad).reshape(b, n * k)
+  change = jnp.concatenate([jnp.zeros((b, 1), bool), silent[:, 1:] != silent[:, :-1]], axis=1)
+  return jnp.where(change, weight, 1.0).reshape(b, n, k)
+
+
+def losses(
+  model: InteractionModel,
+  outputs,
+  batch,
+  *,
+  aux_weight: float = 0.01,
+  z_weight: float = 1e-3,
+  transition_weight: float = 1.0,
+):
+  """Scalar losses: text cross-entropy, flow matching, MoE auxiliaries, and the total.
+
+  ``text_ce`` is the plain cross-entropy (comparable across runs); with
+  ``transition_weight`` != 1 the total uses a weighted one (``transition_weights``).
+  """
   first = next(iter(v for k, v in outputs.items() if k != "moe"))
   mask_BN = batch.get("turn_mask")
   mask_BN = jnp.ones(first.shape[:2], jnp.float32) if mask_BN is None else mask_BN.astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(mask_BN), 1.0)
-  text_ce, flow = 0.0, 0.0
+  text_ce, weighted_ce, flow = 0.0, 0.0, 0.0
   for spec in model.order:
     if spec.direction != "out":
       continue
@@ -65,10 +89,16 @@ def losses(model: InteractionModel, outputs, batch, *, aux_weight: float = 0.01,
     value = jnp.sum(per_turn * mask_BN) / denom
     if spec.kind == "text":
       text_ce = text_ce - value
+      if transition_weight != 1.0:
+        w_BNn = transition_weights(batch[spec.name], text.PAD, transition_weight)
+        w_BNn = w_BNn * mask_BN[..., None]
+        weighted_ce = weighted_ce - jnp.sum(w_BNn * outputs[spec.name]) / jnp.maximum(jnp.sum(w_BNn), 1.0)
+      else:
+        weighted_ce = weighted_ce - value
     else:
       flow = flow + value
   result = {"text_ce": text_ce, "flow": flow}
-  total = text_ce + flow
+  total = weighted_ce + flow
   if outputs["moe"] is not None:
     # Stats are stacked over layers: losses per layer, averaged.
     per_layer = jax.vmap(lambda s: moe.router_losses(s, model.cfg.experts_per_token))(outputs["moe"])

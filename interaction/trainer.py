@@ -74,7 +74,14 @@ def make_eval_loss(graphdef, cfg, tc, mesh):
   def f(params, batch):
     model = nnx.merge(graphdef, params)
     out = objective.window_outputs(model, batch, jax.random.key(tc.seed + 1))
-    losses = objective.losses(model, out, batch, aux_weight=tc.aux_weight, z_weight=tc.z_weight)
+    losses = objective.losses(
+      model,
+      out,
+      batch,
+      aux_weight=tc.aux_weight,
+      z_weight=tc.z_weight,
+      transition_weight=tc.get("transition_weight", 1.0),
+    )
     return {k: v for k, v in losses.items() if k != "expert_load"}
 
   jitted = jax.jit(f, in_shardings=(None, train.batch_sharding(mesh)))

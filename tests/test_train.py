@@ -223,3 +223,13 @@ def test_adam_with_moments_stored_in_float32_equals_optax_and_bfloat16_tracks_it
     np.testing.assert_allclose(f32[name], reference[name], rtol=1e-6, atol=1e-6)
     moved = np.abs(np.asarray(reference[name]) - np.asarray(params[name])).max()
     assert np.abs(np.asarray(bf16[name]) - np.asarray(reference[name])).max() < 0.02 * moved
+
+
+def test_transition_weights_mark_where_the_text_stream_starts_and_stops():
+  from interaction import objective, text
+
+  pad, a = text.PAD, ord("a")
+  target = jnp.asarray([[[pad, pad], [a, a], [a, pad]], [[a, pad], [pad, pad], [pad, a]]])  # [B=2, N=3, n=2]
+  w = objective.transition_weights(target, pad, 5.0)
+  expected = [[[1, 1], [5, 1], [1, 5]], [[1, 5], [1, 1], [1, 5]]]  # across turn boundaries too
+  np.testing.assert_array_equal(np.asarray(w), expected)
