@@ -463,10 +463,12 @@ class LiveServer:
           f"buffered input would exceed {self.limits.max_buffered_input_bytes} bytes; send audio in real time",
         )
       client.audio += payload
+      self.counters["audio_bytes_in"] += len(payload)
     elif kind in (JPEG, RAW):
       if self.video_in is None:
         raise ClientError("bad_frame", "this model has no video input")
       client.video = decode_video(kind, payload, self.video_in.frame_shape)
+      self.counters["video_frames_in"] += 1
     else:
       raise ClientError("bad_frame", f"unknown binary kind {kind}: kinds are 1 audio, 2 JPEG, 3 raw RGB")
 
