@@ -126,44 +126,57 @@ def dequantize(codes: np.ndarray, levels: int, lo: float, hi: float) -> np.ndarr
   return (lo + np.asarray(codes, np.float32) * np.float32((hi - lo) / (levels - 1))).astype(np.float32)
 
 
-def _stft(y: np.ndarray, num_frames: int, cfg: MelConfig) -> np.ndarray:
-  return np.fft.rfft(_frames(y, 0, num_frames, cfg) * _window(cfg.win), n=cfg.n_fft, axis=-1)
+def _stft(y_BX: np.ndarray, num_frames: int, cfg: MelConfig) -> np.ndarray:
+  """[B, num_frames, n_fft // 2 + 1] spectra of the causal 2-hop frames of each row of ``y_BX``."""
+  b = y_BX.shape[0]
+  halves = np.zeros((b, num_frames + 1, cfg.hop), np.float32)  # one hop of zeros before sample 0
+  halves[:, 1:] = y_BX[:, : num_frames * cfg.hop].reshape(b, num_frames, cfg.hop)
+  frames = np.concatenate([halves[:, :-1], halves[:, 1:]], axis=-1)  # frame i ends at sample (i + 1) * hop
+  return np.fft.rfft(frames * _window(cfg.win), n=cfg.n_fft, axis=-1)
 
 
-def _istft(spec: np.ndarray, cfg: MelConfig) -> np.ndarray:
-  """Weighted overlap-add inverse of ``_stft`` (frames of 2 hops), float32 [num_frames * hop]."""
+def _istft(spec_BFK: np.ndarray, cfg: MelConfig) -> np.ndarray:
+  """Weighted overlap-add inverse of ``_stft`` (frames of 2 hops), float32 [B, num_frames * hop]."""
   w = _window(cfg.win)
-  frames = np.fft.irfft(spec, n=cfg.n_fft, axis=-1)[:, : cfg.win] * w
-  num = len(frames)
+  frames = np.fft.irfft(spec_BFK, n=cfg.n_fft, axis=-1)[..., : cfg.win] * w
+  b, num = frames.shape[:2]
   # Frame i spans hops i-1 and i; start one hop before 0 and drop it after summing.
-  out = np.zeros((num + 1, cfg.hop), np.float32)
+  out = np.zeros((b, num + 1, cfg.hop), np.float32)
   norm = np.zeros((num + 1, cfg.hop), np.float32)
-  halves = frames.reshape(num, 2, cfg.hop)
-  out[:num] += halves[:, 0]
-  out[1:] += halves[:, 1]
+  halves = frames.reshape(b, num, 2, cfg.hop)
+  out[:, :num] += halves[:, :, 0]
+  out[:, 1:] += halves[:, :, 1]
   norm[:num] += (w * w)[: cfg.hop]
   norm[1:] += (w * w)[cfg.hop :]
-  return (out / np.maximum(norm, 1e-3))[1:].reshape(-1)
+  return (out / np.maximum(norm, 1e-3))[:, 1:].reshape(b, -1)
 
 
 def waveform(cfg: MelConfig, logmel: np.ndarray, iters: int = 32, mel_iters: int = 50, seed: int = 0) -> np.ndarray:
   """Griffin-Lim vocoder: float32 audio [frames * hop] whose log-mel approximates ``logmel`` [frames, channels]."""
+  return waveforms(cfg, np.asarray(logmel)[None], iters, mel_iters, seed)[0]
+
+
+def waveforms(
+  cfg: MelConfig, logmel_BFC: np.ndarray, iters: int = 32, mel_iters: int = 50, seed: int = 0
+) -> np.ndarray:
+  """``waveform`` of B independent signals at once (one FFT call per iteration for all): [B, frames * hop]."""
   fb = _filterbank(cfg)
-  mel = np.exp(np.asarray(logmel, np.float32))
-  mel = np.where(logmel <= silence_value(cfg) + 1e-6, 0.0, mel)
+  logmel_BFC = np.asarray(logmel_BFC, np.float32)
+  mel = np.exp(logmel_BFC)
+  mel = np.where(logmel_BFC <= silence_value(cfg) + 1e-6, 0.0, mel)
   # Non-negative power whose mel projection matches: multiplicative updates (as in NMF),
   # started from each channel's power spread evenly over its filter.
   density = mel / np.maximum(fb.sum(axis=1), 1e-9)
   power = density @ (fb / np.maximum(fb.sum(axis=0, keepdims=True), 1e-9)) + 1e-12
   norm = np.maximum(fb.sum(axis=0), 1e-9)
   for _ in range(mel_iters):
-    power *= np.einsum("fc,ck->fk", mel / np.maximum(np.einsum("fk,ck->fc", power, fb), 1e-12), fb) / norm
+    power *= np.einsum("bfc,ck->bfk", mel / np.maximum(np.einsum("bfk,ck->bfc", power, fb), 1e-12), fb) / norm
   mag = np.sqrt(np.maximum(power, 0.0) * np.sum(_window(cfg.win) ** 2)).astype(np.float32)
   rng = np.random.default_rng(seed)
   phase = np.exp(2j * np.pi * rng.random(mag.shape)).astype(np.complex64)
   y = _istft(mag * phase, cfg)
   for _ in range(iters):
-    spec = _stft(y, len(mag), cfg)
+    spec = _stft(y, mag.shape[1], cfg)
     phase = spec / np.maximum(np.abs(spec), 1e-9)
     y = _istft(mag * phase, cfg)
   return np.clip(y, -1.0, 1.0).astype(np.float32)

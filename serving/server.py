@@ -71,7 +71,7 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", 
 class Limits:
   max_message_bytes: int = 1 << 20
   max_buffered_input_bytes: int = 128_000  # 4 s of PCM16 plus typed text
-  max_unsent_output_bytes: int = 256 << 10
+  max_unsent_output_bytes: int = 128 << 10  # ~4 s of speech: a reader that stops hits it before the ping timeout
   max_session_s: float = 3600.0
   ping_interval_s: float = 5.0
   ping_timeout_s: float = 10.0
@@ -568,8 +568,9 @@ class LiveServer:
     results = engine.tick(inputs)
     step_ms = (time.monotonic() - t) * 1000
     out = []
-    for client, pcm in live:
-      out.append((client, self._outputs(client, results[client.session.id], pcm)))
+    speech = self._speech([results[client.session.id] for client, _ in live])
+    for (client, pcm), frame in zip(live, speech, strict=True):
+      out.append((client, self._outputs(client, results[client.session.id], pcm, frame)))
     tick_ms = (time.monotonic() - scheduled) * 1000
     self.tick_ms.append(tick_ms)
     timing = {"tick_ms": round(tick_ms, 2), "step_ms": round(step_ms, 2), "late_ms": round(late_ms, 2)}
@@ -591,18 +592,28 @@ class LiveServer:
       feats[self.video_in.name] = featurize.patchify(frame, self.video_in.patch_size)
     return feats
 
-  def _outputs(self, client: Client, result: dict, pcm: np.ndarray) -> list:
+  def _speech(self, results: list[dict]) -> list[tuple[bool, bytes] | None]:
+    """Per session: (speaking, the ``0x01`` PCM16 frame); one batched vocoder call for all who speak."""
+    if self.audio_out is None:
+      return [None] * len(results)
+    mels = np.stack([r[self.audio_out.name] for r in results]) if results else np.zeros((0, 1, 1), np.float32)
+    speaking = metrics.voiced(mels) if len(mels) else np.zeros(0, bool)
+    waves = np.zeros((len(results), SAMPLES_PER_TICK), np.float32)
+    if speaking.any():
+      iters = self.vocoder_iters
+      waves[speaking] = audio.waveforms(self.mel_out, mels[speaking], iters=iters, mel_iters=2 * iters)[
+        :, :SAMPLES_PER_TICK
+      ]
+    pcm16 = np.clip(np.round(waves * 32767), -32768, 32767).astype("<i2")
+    return [(bool(v), bytes([AUDIO]) + row.tobytes()) for v, row in zip(speaking, pcm16, strict=True)]
+
+  def _outputs(self, client: Client, result: dict, pcm: np.ndarray, speech) -> list:
     """The audio frame, call events and the tick event (a dict; timing is added after every session)."""
     messages = []
     speaking = False
-    if self.audio_out is not None:
-      mel = result[self.audio_out.name]
-      speaking = bool(metrics.voiced(mel[None])[0])
-      wave = np.zeros(SAMPLES_PER_TICK, np.float32)
-      if speaking:
-        wave = audio.waveform(self.mel_out, mel, iters=self.vocoder_iters, mel_iters=2 * self.vocoder_iters)
-      pcm16 = np.clip(np.round(wave[:SAMPLES_PER_TICK] * 32767), -32768, 32767).astype("<i2")
-      messages.append(bytes([AUDIO]) + pcm16.tobytes())
+    if speech is not None:
+      speaking, frame = speech
+      messages.append(frame)
     said = bytearray()
     if self.engine.text_out is not None:
       for tok in result[self.engine.text_out].tolist():
