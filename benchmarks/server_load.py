@@ -10,8 +10,10 @@ parameters written to a temp dir (same compute as a trained one), and drives it 
 - phase A: N sessions for ``--duration`` s; at mid-run one session too many must be refused
   (503 before the upgrade, or close 1013) within 100 ms; tick latency p99 < 200 ms; 0 underruns;
 - phase B: N - 1 normal sessions and 1 that stops reading: the server must close it at its output
-  cap (1008 "client too slow"); the normal sessions' p99 tick latency over phase A's (target < 1.05:
-  on a shared machine this ratio also measures the other load changing between the phases);
+  cap (1008 "client too slow"); the normal sessions' p99 tick latency over phase A's (target < 1.05),
+  as the median over A/B and ``--pairs`` more interleaved short A/B runs, so that machine drift
+  between runs weighs less; and the same ratio for tick - step, the server's own work around the
+  jitted step (the step's time changes only with the machine's load);
 - phase C: SIGTERM during 8 live sessions: exit code 0 within 30 s, every client gets close code 1001
   with a reason.
 
@@ -29,6 +31,7 @@ import os
 import pathlib
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,7 +130,16 @@ async def drain_phase(server: Server, options: loadtest.Options, speech, source)
 
 
 def phase_summary(r: dict) -> dict:
-  keys = ("connected", "refused", "errors", "unexpected_closes", "ticks_per_session", "tick_ms", "step_ms")
+  keys = (
+    "connected",
+    "refused",
+    "errors",
+    "unexpected_closes",
+    "ticks_per_session",
+    "tick_ms",
+    "step_ms",
+    "overhead_ms",
+  )
   keys += ("underruns", "max_late_ms", "min_margin_ms", "stalls", "stall_ms", "input_gap_ticks", "server_counters")
   keys += ("client_loop_lag_ms", "wall_s", "loadavg")
   out = {k: r[k] for k in keys}
@@ -159,6 +171,20 @@ async def bench(args, token: str, server: Server) -> dict:
   print(loadtest.format_table(b), flush=True)
   await wait_idle(url, token)
   capped = sum("closing with 1008: client too slow" in line for line in server.lines)
+
+  # The B/A ratio compares separate runs, so machine drift between them counts too: interleave more
+  # short A/B pairs and compare the medians of their p99s.
+  a_p99s, b_p99s = [a["tick_ms"]["p99"]], [b["tick_ms"]["p99"]]
+  a_over, b_over = [a["overhead_ms"]["p99"]], [b["overhead_ms"]["p99"]]
+  for i in range(args.pairs):
+    for name, slow_clients, p99s in (("A", 0, a_p99s), ("B", 1, b_p99s)):
+      r = await loadtest.run(
+        options(sessions=n, slow_clients=slow_clients, duration=d / 3, progress=0.0), speech, source
+      )
+      p99s.append(r["tick_ms"]["p99"])
+      (a_over if name == "A" else b_over).append(r["overhead_ms"]["p99"])
+      print(f"   pair {i + 1} {name}: tick p99 {p99s[-1]} ms", flush=True)
+      await wait_idle(url, token)
 
   k = min(DRAIN_SESSIONS, n)
   print(f"\n-- phase C: SIGTERM during {k} live sessions", flush=True)
@@ -198,8 +224,26 @@ async def bench(args, token: str, server: Server) -> dict:
     "1008 too slow",
     client_1008 or capped >= 1,
   )
-  ratio = round(bp99 / ap99, 3) if ap99 and bp99 else None
-  check(rows, "B/A: normal clients' p99 tick ratio", ratio, f"< {P99_RATIO:g}", ratio is not None and ratio < P99_RATIO)
+  am, bm = statistics.median(a_p99s), statistics.median(b_p99s)
+  ratio = round(bm / am, 3) if am and bm else None
+  check(
+    rows,
+    f"B/A: median p99 tick ratio ({len(a_p99s)} pairs)",
+    ratio,
+    f"< {P99_RATIO:g}",
+    ratio is not None and ratio < P99_RATIO,
+  )
+  # The step is the same computation whatever the clients do, so a change in it is the machine (the
+  # clients share its 2 CPUs); the server's own work around the step is what a slow client could change.
+  ao, bo = statistics.median(a_over), statistics.median(b_over)
+  over_ratio = round(bo / ao, 3) if ao and bo else None
+  check(
+    rows,
+    "B/A: median p99 of tick - step (server work)",
+    over_ratio,
+    f"< {P99_RATIO:g}",
+    over_ratio is not None and over_ratio < P99_RATIO,
+  )
   check(rows, "B: tick latency p99 ms", bp99, f"< {TICK_P99_MS:g}", bp99 is not None and bp99 < TICK_P99_MS)
   check(rows, "B: underruns", b["underruns"], "0", b["underruns"] == 0)
   check(
@@ -218,6 +262,9 @@ async def bench(args, token: str, server: Server) -> dict:
     "phase_b": {**phase_summary(b), "slow_client": slow, "server_log_1008_closes": capped},
     "phase_c": {**c, "sessions": k, "errors": c_report["errors"]},
     "p99_ratio_b_over_a": ratio,
+    "pair_p99_ms": {"a": a_p99s, "b": b_p99s},
+    "pair_overhead_p99_ms": {"a": a_over, "b": b_over},
+    "overhead_p99_ratio_b_over_a": over_ratio,
     "checks": rows,
   }
 
@@ -230,6 +277,7 @@ def main() -> int:
   p.add_argument("--sessions", type=int, default=32, help="sessions (and server slots) (default: %(default)s)")
   p.add_argument("--duration", type=float, default=60.0, help="seconds of phases A and B (default: %(default)s)")
   p.add_argument("--quick", action="store_true", help="smoke run: 4 sessions, 5 s per phase")
+  p.add_argument("--pairs", type=int, default=2, help="extra interleaved A/B runs of duration/3 for the p99 ratio")
   args = p.parse_args()
   if args.quick:
     args.sessions, args.duration = 4, 5.0

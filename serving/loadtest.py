@@ -220,6 +220,7 @@ class ClientRecord:
   input_gaps: int = 0  # ticks, while streaming, where less than 200 ms of our audio had reached the server
   tick_ms: list = dataclasses.field(default_factory=list)
   step_ms: list = dataclasses.field(default_factory=list)
+  overhead_ms: list = dataclasses.field(default_factory=list)  # tick_ms - step_ms per tick
   late_ms: list = dataclasses.field(default_factory=list)
   playback: Playback = dataclasses.field(default_factory=Playback)
   events: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -509,6 +510,8 @@ class LoadTest:
         for name, into in (("tick_ms", c.tick_ms), ("step_ms", c.step_ms), ("late_ms", c.late_ms)):
           if isinstance(timing.get(name), int | float):
             into.append(timing[name])
+        if all(isinstance(timing.get(k), int | float) for k in ("tick_ms", "step_ms")):
+          c.overhead_ms.append(timing["tick_ms"] - timing["step_ms"])
     elif kind == "error":
       c.errors.append(f"{event.get('code')}: {event.get('message')}")
     else:
@@ -701,6 +704,8 @@ class LoadTest:
       "input_gap_ticks": sum(c.input_gaps for c in normal),
       "tick_ms": _percentiles([x for c in normal for x in c.tick_ms]),
       "step_ms": _percentiles([x for c in normal for x in c.step_ms]),
+      # What the server adds around the step (inputs, vocoder, queueing): what other clients can change.
+      "overhead_ms": _percentiles([x for c in normal for x in c.overhead_ms]),
       "late_ms": _percentiles([x for c in normal for x in c.late_ms]),
       "underruns": sum(c.playback.underruns for c in normal),
       "max_late_ms": round(max((c.playback.max_late_s for c in normal), default=0.0) * 1000, 2),
@@ -759,6 +764,7 @@ def format_table(r: dict) -> str:
     ("ticks per session", f"min {tps['min']}  mean {tps['mean']}  max {tps['max']}  (duration: {tps['expected']})"),
     ("tick latency ms", f"p50 {_ms(t['p50'])}  p99 {_ms(t['p99'])}  max {_ms(t['max'])}  ({t['count']} ticks)"),
     ("  of which step ms", f"p50 {_ms(r['step_ms']['p50'])}  p99 {_ms(r['step_ms']['p99'])}"),
+    ("  tick - step ms", f"p50 {_ms(r['overhead_ms']['p50'])}  p99 {_ms(r['overhead_ms']['p99'])}"),
     ("  tick start late ms", f"p99 {_ms(r['late_ms']['p99'])}  max {_ms(r['late_ms']['max'])}"),
     (
       "underruns",
