@@ -32,6 +32,8 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/step_latency.py
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/serving_latency.py
+	PYTHONPATH=. $(PY) benchmarks/server_load.py  # ~4 min: 32 live sessions, a slow reader, a drain
 
 aot: $(VENV)/.installed
 	$(PY) benchmarks/aot_report.py  # ~20 min: compiles the 276B config for TPU slices
