@@ -279,6 +279,10 @@ def _jpeg(size=(32, 24)) -> bytes:
   return out.getvalue()
 
 
+def _not_length(payload: bytes, length: int) -> bytes:
+  return payload + b"\x00" if len(payload) == length else payload
+
+
 def malformed_frame(rng, max_bytes: int):
   """(name, frame, send as text?): one malformed frame."""
   jpeg = _jpeg()
@@ -291,7 +295,7 @@ def malformed_frame(rng, max_bytes: int):
     ("not_jpeg", bytes([2]) + junk, False),
     ("corrupt_jpeg", bytes([2]) + b"\xff\xd8\xff\xe0" + junk, False),
     ("truncated_jpeg", bytes([2]) + jpeg[: int(rng.integers(1, len(jpeg) - 1))], False),
-    ("raw_wrong_size", bytes([3]) + struct.pack("<HH", w + 1, h + 1) + junk, False),
+    ("raw_wrong_size", bytes([3]) + struct.pack("<HH", w + 1, h + 1) + _not_length(junk, (w + 1) * (h + 1) * 3), False),
     ("raw_zero_side", bytes([3]) + struct.pack("<HH", 0, h) + junk, False),
     ("raw_no_header", bytes([3]) + junk[:3], False),
     ("not_json", junk.decode("latin-1"), True),
