@@ -44,11 +44,31 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+ROPE_SPLIT_BITS = 12  # positions below 2**12 take the plain float32 product
+
+
+def rope_angles(positions_BT, inv_freq_F, theta: float, e: int):
+  """``position * inv_freq`` (mod 2 pi) without float32's loss at large positions.
+
+  A float32 product of a position of hours (10^5-10^6 tokens) and a frequency is
+  off by up to ~0.1 rad. The position is split as ``hi * 2**12 + lo`` (exact
+  integer ops); ``2**12 * inv_freq mod 2 pi`` is taken in float64 on the host, so
+  the angle ``hi * c + lo * inv_freq`` stays small and accurate. For positions
+  below 2**12 (``hi == 0``) this is the plain product, bit for bit.
+  """
+  inv64 = float(theta) ** (-np.arange(0, e, 2, dtype=np.float64) / e)
+  c_F = jnp.asarray(np.mod(inv64 * 2.0**ROPE_SPLIT_BITS, 2 * np.pi), jnp.float32)
+  positions_BT = positions_BT.astype(jnp.int32)
+  hi = (positions_BT >> ROPE_SPLIT_BITS).astype(jnp.float32)[..., None]
+  lo = (positions_BT & (2**ROPE_SPLIT_BITS - 1)).astype(jnp.float32)[..., None]
+  return lo * inv_freq_F + hi * c_F
+
+
 def rope(x_BTHE, positions_BT, theta: float):
   """Rotary embedding on the last dim, at absolute token positions."""
   e = x_BTHE.shape[-1]
   inv_freq = theta ** (-jnp.arange(0, e, 2, dtype=jnp.float32) / e)
-  angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  angle_BTF = rope_angles(positions_BT, inv_freq, theta, e)
   sin, cos = jnp.sin(angle_BTF)[:, :, None, :], jnp.cos(angle_BTF)[:, :, None, :]
   x1, x2 = jnp.split(x_BTHE.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTHE.dtype)

@@ -149,3 +149,23 @@ def test_sampling_settings_are_per_slot_data():
   for seed in range(300):
     counts[int(step_lib.sample_text(logits[:1], jnp.ones(1), jnp.ones(1), jax.random.key(seed)[None])[0])] += 1
   np.testing.assert_allclose(counts / 300, [0.5, 0.3, 0.2], atol=0.08)
+
+
+def test_rope_angles_stay_accurate_in_sessions_of_hours_and_are_the_plain_product_below_4096():
+  from interaction import layers
+
+  e, theta = 32, 10_000.0
+  inv_freq = theta ** (-jnp.arange(0, e, 2, dtype=jnp.float32) / e)
+  small = jnp.arange(4096, dtype=jnp.int32)[None]
+  plain = small.astype(jnp.float32)[..., None] * inv_freq
+  np.testing.assert_array_equal(layers.rope_angles(small, inv_freq, theta, e), plain)  # old checkpoints unchanged
+  # Positions of 3 and 30 hours of micro-turns (17 tokens per 200 ms).
+  big = np.array([[17 * 5 * 3600 * 3 + 123, 17 * 5 * 3600 * 30 + 4095]], np.int64)
+  exact = np.mod(big[..., None] * (theta ** (-np.arange(0, e, 2, dtype=np.float64) / e)), 2 * np.pi)
+
+  def error(angles):
+    d = np.mod(np.asarray(angles, np.float64) - exact, 2 * np.pi)
+    return np.minimum(d, 2 * np.pi - d).max()
+
+  assert error(layers.rope_angles(jnp.asarray(big, jnp.int32), inv_freq, theta, e)) < 2e-3
+  assert error(jnp.asarray(big, jnp.float32)[..., None] * inv_freq) > 2e-2  # what the plain product loses
