@@ -692,6 +692,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
     prog="python -m serving.server",
     description="Serve live interaction sessions over WebSocket (protocol: serving/PROTOCOL.md).",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   p.add_argument("--checkpoint", required=True, help="trainer workdir, its checkpoints/ directory, or one step")
   p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
@@ -700,9 +701,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--token-file", help=f"file holding the access token (else ${TOKEN_ENV}, else one is generated)")
   p.add_argument("--allowed-origin", action="append", default=[], help="browser Origin allowed to connect (repeat)")
   d = Limits()
-  p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
-  p.add_argument("--max-buffered-input-bytes", type=int, default=d.max_buffered_input_bytes)
-  p.add_argument("--max-unsent-output-bytes", type=int, default=d.max_unsent_output_bytes)
+  p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="larger frames close with 1009")
+  p.add_argument(
+    "--max-buffered-input-bytes", type=int, default=d.max_buffered_input_bytes, help="audio + text waiting per session"
+  )
+  p.add_argument(
+    "--max-unsent-output-bytes", type=int, default=d.max_unsent_output_bytes, help="past it a client closes with 1008"
+  )
   p.add_argument("--max-session", type=float, default=d.max_session_s, help="seconds before a session is closed")
   p.add_argument("--ping-interval", type=float, default=d.ping_interval_s, help="seconds between WebSocket pings")
   p.add_argument("--ping-timeout", type=float, default=d.ping_timeout_s, help="seconds without a pong: peer is dead")
@@ -713,7 +718,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 async def serve_forever(args: argparse.Namespace) -> int:
   token, source = read_token(args.token_file)
   print(f"loading {args.checkpoint} for {args.slots} slots...", flush=True)
-  engine = build_engine(args.checkpoint, args.slots)
+  try:
+    engine = build_engine(args.checkpoint, args.slots)
+  except FileNotFoundError as e:  # CheckpointNotFoundError included
+    raise SystemExit(f"error: {e}; pass a trainer workdir (e.g. workdir/demo after make demo)") from None
   limits = Limits(
     args.max_message_bytes,
     args.max_buffered_input_bytes,
@@ -725,7 +733,13 @@ async def serve_forever(args: argparse.Namespace) -> int:
   server = LiveServer(
     engine, token=token, allowed_origins=args.allowed_origin, limits=limits, vocoder_iters=args.vocoder_iters
   )
-  port = await server.start(args.host, args.port)
+  try:
+    port = await server.start(args.host, args.port)
+  except OSError as e:
+    engine.close()
+    raise SystemExit(
+      f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}; pick another --port"
+    ) from None
   stop = asyncio.Event()
   loop = asyncio.get_running_loop()
   for sig in (signal.SIGTERM, signal.SIGINT):

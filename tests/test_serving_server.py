@@ -501,3 +501,16 @@ def test_sigterm_closes_every_session_with_a_reason_and_exits_0(tmp_path):
   finally:
     proc.kill()
     proc.wait()
+
+
+def test_a_missing_checkpoint_is_a_clear_error_not_a_traceback(tmp_path):
+  out = subprocess.run(
+    [sys.executable, "-m", "serving.server", "--checkpoint", str(tmp_path / "nothing")],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    cwd=os.path.dirname(os.path.dirname(__file__)),
+    timeout=120,
+  )
+  assert out.returncode == 1 and "error: " in out.stderr and "no such directory" in out.stderr
+  assert "Traceback" not in out.stderr
