@@ -74,8 +74,8 @@ def resolve_gmm_impl(impl: str) -> str:
   return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
-def tiled_grouped_matmul(x_MD, w_LDF, group_sizes_L, tile: int):
-  """``ragged_dot`` as a loop over row tiles, each tile owned by one group.
+def _tiled(x_MD, group_sizes_L, num_groups: int, tile: int, out_dim: int, tile_fn):
+  """``tile_fn(x_tile, group) -> [tile, out_dim]`` over row tiles, each tile owned by one group.
 
   Each group's rows are padded up to a multiple of ``tile``, so a tile never
   spans two groups; tiles past the last group are skipped. Rows past
@@ -85,7 +85,6 @@ def tiled_grouped_matmul(x_MD, w_LDF, group_sizes_L, tile: int):
   padding no longer dominates.
   """
   m, d = x_MD.shape
-  num_groups = w_LDF.shape[0]
   tile = min(tile, max(8, 1 << max(-(-m // num_groups) - 1, 0).bit_length()))
   num_tiles = -(-m // tile) + num_groups
   ends_L = jnp.cumsum(group_sizes_L)
@@ -103,16 +102,34 @@ def tiled_grouped_matmul(x_MD, w_LDF, group_sizes_L, tile: int):
 
   def body(_, inputs):
     x_tile, g, used = inputs
-    out = jax.lax.cond(
-      used,
-      lambda: jnp.dot(x_tile, w_LDF[g], preferred_element_type=jnp.float32).astype(x_tile.dtype),
-      lambda: jnp.zeros((tile, w_LDF.shape[-1]), x_tile.dtype),
-    )
+    out = jax.lax.cond(used, lambda: tile_fn(x_tile, g), lambda: jnp.zeros((tile, out_dim), x_tile.dtype))
     return None, out
 
   _, y = jax.lax.scan(body, None, (x_pad.reshape(num_tiles, tile, d), tile_group, tile_used))
   y = y.reshape(num_tiles * tile, -1)
   return jnp.where(valid_M[:, None], y[jnp.minimum(dest_M, num_tiles * tile - 1)], 0)
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def tiled_grouped_matmul(x_MD, w_LDF, group_sizes_L, tile: int):
+  """``ragged_dot`` as a loop over row tiles (``_tiled``)."""
+  return _tiled(x_MD, group_sizes_L, w_LDF.shape[0], tile, w_LDF.shape[-1], lambda xt, g: _dot(xt, w_LDF[g]))
+
+
+def tiled_grouped_ffn(x_MD, w_gate, w_up, w_down, group_sizes_L, tile: int):
+  """``silu(x @ gate) * (x @ up) @ down`` per group in one loop over row tiles.
+
+  Equal to three ``tiled_grouped_matmul`` calls; fused, each tile is gathered
+  and scattered once instead of three times.
+  """
+
+  def ffn(x_tile, g):
+    return _dot(jax.nn.silu(_dot(x_tile, w_gate[g])) * _dot(x_tile, w_up[g]), w_down[g])
+
+  return _tiled(x_MD, group_sizes_L, w_gate.shape[0], tile, w_down.shape[-1], ffn)
 
 
 def grouped_matmul(x_MD, w_LDF, group_sizes_L, impl: str, tile: int):
@@ -135,10 +152,13 @@ def dispatch_local(x_ND, weights_NK, experts_NK, w_gate, w_up, w_down, expert_of
   order_M = jnp.argsort(key_M, stable=True)
   group_sizes_L = jnp.zeros((num_local + 1,), jnp.int32).at[key_M].add(1)[:num_local]
   x_MD = x_ND[order_M // k]
-  h_MF = jax.nn.silu(grouped_matmul(x_MD, w_gate, group_sizes_L, impl, tile)) * grouped_matmul(
-    x_MD, w_up, group_sizes_L, impl, tile
-  )
-  y_MD = grouped_matmul(h_MF, w_down, group_sizes_L, impl, tile)
+  if resolve_gmm_impl(impl) == "tiled":
+    y_MD = tiled_grouped_ffn(x_MD, w_gate, w_up, w_down, group_sizes_L, tile)
+  else:
+    h_MF = jax.nn.silu(grouped_matmul(x_MD, w_gate, group_sizes_L, impl, tile)) * grouped_matmul(
+      x_MD, w_up, group_sizes_L, impl, tile
+    )
+    y_MD = grouped_matmul(h_MF, w_down, group_sizes_L, impl, tile)
   y_NKD = jnp.zeros_like(y_MD).at[order_M].set(y_MD).reshape(n, k, -1)
   gate_NK = jnp.where(is_local_M.reshape(n, k), weights_NK, 0.0).astype(y_NKD.dtype)
   y_NKD = jnp.where(is_local_M.reshape(n, k)[..., None], y_NKD, 0)
