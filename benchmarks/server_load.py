@@ -152,6 +152,15 @@ def check(rows: list, name: str, value, target: str, ok: bool) -> None:
   rows.append({"check": name, "value": value, "target": target, "pass": bool(ok)})
 
 
+def serving_checks(rows: list, phase: str, r: dict) -> None:
+  """The checks every load phase must pass: no errors or unexpected closes, p99 tick, no underruns."""
+  bad = r["errors"] + r["unexpected_closes"]
+  check(rows, f"{phase}: errors + unexpected closes", bad, "0", not bad)
+  p99 = r["tick_ms"]["p99"]
+  check(rows, f"{phase}: tick latency p99 ms", p99, f"< {TICK_P99_MS:g}", p99 is not None and p99 < TICK_P99_MS)
+  check(rows, f"{phase}: underruns", r["underruns"], "0", r["underruns"] == 0)
+
+
 async def bench(args, token: str, server: Server) -> dict:
   url = server.wait_ready(START_TIMEOUT_S)
   print(f"server ready at {url} ({args.sessions} slots)", flush=True)
@@ -193,17 +202,8 @@ async def bench(args, token: str, server: Server) -> dict:
   print(loadtest.format_table(c_report), flush=True)
 
   rows = []
-  ap99, bp99 = a["tick_ms"]["p99"], b["tick_ms"]["p99"]
   check(rows, "A: sessions connected", f"{a['connected']}/{n}", f"{n}/{n}", a["connected"] == n)
-  check(
-    rows,
-    "A: errors + unexpected closes",
-    a["errors"] + a["unexpected_closes"],
-    "0",
-    not a["errors"] + a["unexpected_closes"],
-  )
-  check(rows, "A: tick latency p99 ms", ap99, f"< {TICK_P99_MS:g}", ap99 is not None and ap99 < TICK_P99_MS)
-  check(rows, "A: underruns", a["underruns"], "0", a["underruns"] == 0)
+  serving_checks(rows, "A", a)
   extra = a["extra_session"] or {}
   refusal = extra.get("refusal_ms")
   check(
@@ -244,15 +244,7 @@ async def bench(args, token: str, server: Server) -> dict:
     f"< {P99_RATIO:g}",
     over_ratio is not None and over_ratio < P99_RATIO,
   )
-  check(rows, "B: tick latency p99 ms", bp99, f"< {TICK_P99_MS:g}", bp99 is not None and bp99 < TICK_P99_MS)
-  check(rows, "B: underruns", b["underruns"], "0", b["underruns"] == 0)
-  check(
-    rows,
-    "B: errors + unexpected closes",
-    b["errors"] + b["unexpected_closes"],
-    "0",
-    not b["errors"] + b["unexpected_closes"],
-  )
+  serving_checks(rows, "B", b)
   check(rows, "C: exit code", c["exit_code"], "0", c["exit_code"] == 0)
   check(rows, "C: seconds to exit", c["exit_s"], f"< {EXIT_S:g}", c["exit_s"] < EXIT_S)
   got = f"{c['closed_1001_with_reason']}/{c['live_at_sigterm']}"
