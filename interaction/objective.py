@@ -51,16 +51,24 @@ def window_outputs(model: InteractionModel, batch, rng):
   return outputs_from_embeddings(model, x_BTD, model.window_positions(first_turn, num_turns), batch, rng)
 
 
-def transition_weights(target_BNn, pad: int, weight: float):
-  """``weight`` where the text stream starts or stops (a token whose PAD-ness differs from the slot before), else 1.
+def transition_weights(silent_BNn, weight: float):
+  """``weight`` where an output stream starts or stops (a slot whose silence differs from the slot before), else 1.
 
   These few slots decide *when* the model speaks (turn taking, barge-in, interjections);
-  under plain cross-entropy they drown in the PAD-to-PAD slots around them.
+  under plain cross-entropy or flow matching they drown in the silent-to-silent and
+  voiced-to-voiced slots around them.
   """
-  b, n, k = target_BNn.shape
-  silent = (target_BNn == pad).reshape(b, n * k)
+  b, n, k = silent_BNn.shape
+  silent = silent_BNn.reshape(b, n * k)
   change = jnp.concatenate([jnp.zeros((b, 1), bool), silent[:, 1:] != silent[:, :-1]], axis=1)
   return jnp.where(change, weight, 1.0).reshape(b, n, k)
+
+
+def silent_slots(spec, target):
+  """[B, N, n] True where an output slot is silent: PAD text, or a mel frame below mid-range on every channel."""
+  if spec.kind == "text":
+    return target == text.PAD
+  return jnp.max(target, axis=-1) <= (spec.mel_min + spec.mel_max) / 2
 
 
 def losses(
@@ -74,31 +82,31 @@ def losses(
 ):
   """Scalar losses: text cross-entropy, flow matching, MoE auxiliaries, and the total.
 
-  ``text_ce`` is the plain cross-entropy (comparable across runs); with
-  ``transition_weight`` != 1 the total uses a weighted one (``transition_weights``).
+  ``text_ce`` and ``flow`` are the plain losses (comparable across runs); with
+  ``transition_weight`` != 1 the total weights every output stream's slots by
+  ``transition_weights`` (where speech starts or stops, in text and in audio).
   """
   first = next(iter(v for k, v in outputs.items() if k != "moe"))
   mask_BN = batch.get("turn_mask")
   mask_BN = jnp.ones(first.shape[:2], jnp.float32) if mask_BN is None else mask_BN.astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(mask_BN), 1.0)
-  text_ce, weighted_ce, flow = 0.0, 0.0, 0.0
+  text_ce, flow, total = 0.0, 0.0, 0.0
   for spec in model.order:
     if spec.direction != "out":
       continue
-    per_turn = jnp.mean(outputs[spec.name], axis=-1)
-    value = jnp.sum(per_turn * mask_BN) / denom
+    # Text outputs are log-probabilities, audio outputs flow-matching losses.
+    sign = -1.0 if spec.kind == "text" else 1.0
+    value = sign * jnp.sum(jnp.mean(outputs[spec.name], axis=-1) * mask_BN) / denom
     if spec.kind == "text":
-      text_ce = text_ce - value
-      if transition_weight != 1.0:
-        w_BNn = transition_weights(batch[spec.name], text.PAD, transition_weight)
-        w_BNn = w_BNn * mask_BN[..., None]
-        weighted_ce = weighted_ce - jnp.sum(w_BNn * outputs[spec.name]) / jnp.maximum(jnp.sum(w_BNn), 1.0)
-      else:
-        weighted_ce = weighted_ce - value
+      text_ce = text_ce + value
     else:
       flow = flow + value
+    if transition_weight != 1.0:
+      w_BNn = transition_weights(silent_slots(spec, batch[spec.name]), transition_weight) * mask_BN[..., None]
+      total = total + sign * jnp.sum(w_BNn * outputs[spec.name]) / jnp.maximum(jnp.sum(w_BNn), 1.0)
+    else:
+      total = total + value
   result = {"text_ce": text_ce, "flow": flow}
-  total = weighted_ce + flow
   if outputs["moe"] is not None:
     # Stats are stacked over layers: losses per layer, averaged.
     per_layer = jax.vmap(lambda s: moe.router_losses(s, model.cfg.experts_per_token))(outputs["moe"])

@@ -79,9 +79,23 @@ def reset_slots(state: StepState, mask_B, *, seed_B=None, temperature_B=None, to
   )
 
 
+def greedy_text(logits_BV):
+  """The greedy choice: silence (PAD) when it holds at least half the mass, else the likeliest byte or marker.
+
+  A plain argmax is biased towards silence whenever what to say is uncertain: at the
+  moment to answer, "speak" may hold 0.8 of the mass spread over twenty first letters
+  while PAD holds 0.2, and argmax picks PAD, tick after tick. Deciding speak-or-silent
+  on the total mass first is the deterministic counterpart of sampling, which speaks
+  with probability 1 - p(PAD).
+  """
+  logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+  speak_B = jnp.argmax(logp_BV.at[:, text.PAD].set(-jnp.inf), axis=-1)
+  return jnp.where(logp_BV[:, text.PAD] >= jnp.log(0.5), text.PAD, speak_B)
+
+
 def sample_text(logits_BV, temperature_B, top_p_B, keys_B):
-  """Per-row temperature / nucleus sampling; temperature 0 is greedy."""
-  greedy_B = jnp.argmax(logits_BV, axis=-1)
+  """Per-row temperature / nucleus sampling; temperature 0 is greedy (``greedy_text``)."""
+  greedy_B = greedy_text(logits_BV)
   scaled = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
   probs = jax.nn.softmax(scaled, axis=-1)
   sorted_p = -jnp.sort(-probs, axis=-1)
@@ -133,7 +147,7 @@ def step_fn(model: InteractionModel, state: StepState, turn_inputs, rng, forced=
       if spec.kind == "text":
         logp_BV = jax.nn.log_softmax(model.text_logits(h_BD), axis=-1)
         value_B = sample_text(logp_BV, state.temperature, state.top_p, keys_B) if given_B is None else given_B
-        score_B = (jnp.take_along_axis(logp_BV, value_B[:, None], axis=-1)[:, 0], jnp.argmax(logp_BV, -1))
+        score_B = (jnp.take_along_axis(logp_BV, value_B[:, None], axis=-1)[:, 0], greedy_text(logp_BV))
       else:
         noise = flow_noise(keys_B, spec.mel_channels)
         value_B = model.flow_heads[spec.name].sample(h_BD, noise, cfg.flow_steps) if given_B is None else given_B
@@ -148,7 +162,7 @@ def step_fn(model: InteractionModel, state: StepState, turn_inputs, rng, forced=
     outputs[spec.name] = jnp.swapaxes(values, 0, 1)
     if spec.kind == "text":
       outputs[spec.name + "_logprobs"] = jnp.swapaxes(scores[0], 0, 1)
-      outputs[spec.name + "_argmax"] = jnp.swapaxes(scores[1], 0, 1).astype(jnp.int32)
+      outputs[spec.name + "_greedy"] = jnp.swapaxes(scores[1], 0, 1).astype(jnp.int32)
   return state._replace(cache=cache, turn=state.turn + state.active.astype(jnp.int32)), mask_idle(model, state, outputs)
 
 
@@ -158,7 +172,7 @@ def mask_idle(model: InteractionModel, state: StepState, outputs):
   masked = {}
   for name, value in outputs.items():
     spec = model.cfg.spec(name) if name in {s.name for s in model.cfg.streams} else None
-    if spec is None:  # logprobs / argmax of a text stream: leave as computed
+    if spec is None:  # logprobs / greedy choice of a text stream: leave as computed
       masked[name] = value
       continue
     silent = text.PAD if spec.kind == "text" else spec.mel_min

@@ -9,6 +9,7 @@ untouched and is counted; the caller stops after ``max_bad_steps`` in a row.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -91,6 +92,18 @@ def optimizer(tc) -> optax.GradientTransformation:
 
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), mesh)[0]))
+
+
+def check_batch_size(batch_size: int, mesh) -> None:
+  """A clear error for a batch the mesh cannot split (jax's own names tiling factors, not the setting)."""
+  axes = batch_sharding(mesh).spec[0] or ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if batch_size % shards:
+    raise ValueError(
+      f"data.batch_size={batch_size} cannot be split over the mesh's batch axes {dict((a, mesh.shape[a]) for a in axes)} "
+      f"({shards} shards); use a multiple of {shards}, e.g. --config.data.batch_size={max(shards, batch_size // shards * shards)}"
+    )
 
 
 def model_batch(cfg: ModelConfig, batch) -> dict:

@@ -145,6 +145,7 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   distributed.barrier("workdir")
   cfg, tc = config_lib.model_config(config), config.train
   mesh = sharding.make_mesh(dict(config.mesh))
+  train.check_batch_size(config.data.batch_size, mesh)
   if main:
     (workdir / "config.json").write_text(config.to_json(indent=1))
   data_dir = prepare_data(config, workdir)

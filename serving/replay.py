@@ -28,7 +28,7 @@ def replay_batch(step, cfg, params, batch, cache_tokens: int):
   for t in range(n):
     forced = {k: batch[k][:, t] for k in outs}
     state, out = step(params, state, {k: batch[k][:, t] for k in ins}, jax.random.key(0), forced)
-    greedy.append(np.asarray(out["text_out_argmax"]))
+    greedy.append(np.asarray(out["text_out_greedy"]))
     logps.append(np.asarray(out["text_out_logprobs"]))
   return np.stack(greedy, 1), np.stack(logps, 1)
 

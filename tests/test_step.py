@@ -137,7 +137,9 @@ def test_bad_turn_inputs_raise_before_device_work():
 
 
 def test_sampling_settings_are_per_slot_data():
-  logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]] * 3))
+  from interaction import text
+
+  logits = jnp.log(jnp.zeros((3, text.VOCAB_SIZE)).at[:, :3].set(jnp.array([0.5, 0.3, 0.2])))
   keys = jax.random.split(jax.random.key(0), 3)
   greedy = step_lib.sample_text(logits, jnp.zeros(3), jnp.ones(3), keys)
   assert greedy.tolist() == [0, 0, 0]
@@ -145,10 +147,30 @@ def test_sampling_settings_are_per_slot_data():
   for seed in range(5):
     keys = jax.random.split(jax.random.key(seed), 3)
     assert step_lib.sample_text(logits, jnp.ones(3), jnp.full(3, 0.5), keys).tolist() == [0, 0, 0]
-  counts = np.zeros(3)
+  counts = np.zeros(text.VOCAB_SIZE)
   for seed in range(300):
     counts[int(step_lib.sample_text(logits[:1], jnp.ones(1), jnp.ones(1), jax.random.key(seed)[None])[0])] += 1
-  np.testing.assert_allclose(counts / 300, [0.5, 0.3, 0.2], atol=0.08)
+  np.testing.assert_allclose(counts[:3] / 300, [0.5, 0.3, 0.2], atol=0.08)
+
+
+def test_greedy_speaks_when_speech_holds_most_of_the_mass_even_if_silence_is_the_single_likeliest_token():
+  from interaction import text
+
+  def logits(p_pad, spoken):
+    probs = np.full(text.VOCAB_SIZE, 1e-9)
+    probs[text.PAD] = p_pad
+    for byte, p in spoken.items():
+      probs[ord(byte)] = p
+    return jnp.log(jnp.asarray(probs / probs.sum(), jnp.float32))[None]
+
+  # Answering: 0.7 of the mass says something, spread over first letters; PAD alone is the argmax.
+  spread = logits(0.3, {"n": 0.25, "s": 0.2, "y": 0.15, "h": 0.1})
+  assert int(jnp.argmax(spread)) == text.PAD
+  assert step_lib.greedy_text(spread).tolist() == [ord("n")]
+  assert step_lib.greedy_text(logits(0.6, {"n": 0.4})).tolist() == [text.PAD]
+  assert step_lib.greedy_text(logits(0.05, {"n": 0.15, "o": 0.8})).tolist() == [ord("o")]
+  keys = jax.random.split(jax.random.key(0), 1)
+  assert step_lib.sample_text(spread, jnp.zeros(1), jnp.ones(1), keys).tolist() == [ord("n")]
 
 
 def test_rope_angles_stay_accurate_in_sessions_of_hours_and_are_the_plain_product_below_4096():

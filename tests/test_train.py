@@ -169,6 +169,16 @@ def test_nonfinite_step_leaves_state_bitwise_unchanged_and_is_counted(tmp_path):
     checkpoint.Checkpointer(tmp_path).save(7, bad._asdict(), {}, {})
 
 
+def test_a_batch_the_mesh_cannot_split_is_refused_before_config_or_data_is_written(tmp_path, data_dir):
+  config = tiny.get_config()
+  config.data.dir, config.data.batch_size = str(data_dir), 4
+  config.mesh.data, config.mesh.expert = 2, 4
+  with pytest.raises(ValueError, match=r"data.batch_size=4 cannot be split .* use a multiple of 8"):
+    trainer.run(config, tmp_path / "run", progress=False)
+  assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
+  train.check_batch_size(16, sharding.make_mesh({"data": 2, "expert": 4}))
+
+
 def test_too_many_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, data_dir):
   config = tiny.get_config()
   for key, value in dict(OVERRIDES, **{"data.dir": str(data_dir)}).items():
@@ -225,11 +235,21 @@ def test_adam_with_moments_stored_in_float32_equals_optax_and_bfloat16_tracks_it
     assert np.abs(np.asarray(bf16[name]) - np.asarray(reference[name])).max() < 0.02 * moved
 
 
-def test_transition_weights_mark_where_the_text_stream_starts_and_stops():
-  from interaction import objective, text
+def test_transition_weights_mark_where_text_and_audio_streams_start_and_stop():
+  from interaction import layout, objective, text
 
   pad, a = text.PAD, ord("a")
   target = jnp.asarray([[[pad, pad], [a, a], [a, pad]], [[a, pad], [pad, pad], [pad, a]]])  # [B=2, N=3, n=2]
-  w = objective.transition_weights(target, pad, 5.0)
+  text_spec = layout.StreamSpec(name="text_out", direction="out", kind="text", slots=2, vocab_size=272)
+  w = objective.transition_weights(objective.silent_slots(text_spec, target), 5.0)
   expected = [[[1, 1], [5, 1], [1, 5]], [[1, 5], [1, 1], [1, 5]]]  # across turn boundaries too
   np.testing.assert_array_equal(np.asarray(w), expected)
+  # The same rule on mel frames: silent is every channel at or below mid-range (-4.5 for [-11.5, 2.5]).
+  audio_spec = layout.StreamSpec(
+    name="audio_out", direction="out", kind="audio", slots=2, mel_channels=3, mel_levels=16, mel_min=-11.5, mel_max=2.5
+  )
+  voice = jnp.full((3,), 1.0).at[0].set(-11.5)  # one loud channel is enough
+  mel = jnp.where((target != pad)[..., None], voice, -11.5)
+  np.testing.assert_array_equal(
+    np.asarray(objective.transition_weights(objective.silent_slots(audio_spec, mel), 5.0)), expected
+  )
