@@ -26,6 +26,7 @@ from data_pipeline.synthetic import (
 T = SAMPLES_PER_TURN
 RESPONSE_DELAY = 0.4  # seconds from a cue to the model's spoken reaction
 TRANSLATION_LAG_TURNS = 3
+VISUAL_EMPTY = 1 / 3  # visual_interjection conversations in which no object appears
 
 
 def sec(x: float) -> int:
@@ -64,13 +65,20 @@ def barge_in(s: Script, rng, frame_size: int) -> None:
 
 
 def visual_interjection(s: Script, rng, frame_size: int) -> None:
-  """An object appears in the video while the user talks; the model says "look <colour> <object>"."""
+  """An object appears in the video while the user talks; the model says "look <colour> <object>".
+
+  In VISUAL_EMPTY of these conversations nothing appears and the model stays silent: without
+  them "say look some seconds into a long utterance" fits the data without looking at the video.
+  """
   t = sec(rng.uniform(0.2, 0.5))
   uend = s.user_says(t, _filler(rng, 10, 14), rng)
   appear = int(rng.integers(t // T + 3, max(t // T + 4, uend // T - 4)))
   colour, obj = str(rng.choice(COLOURS)), str(rng.choice(OBJECTS))
-  s.cue(appear * T, "object")
-  s.model_says(appear * T + sec(RESPONSE_DELAY), ["look", colour, obj])
+  if rng.uniform() < VISUAL_EMPTY:
+    appear = 1 << 30  # never: the frames stay the background
+  else:
+    s.cue(appear * T, "object")
+    s.model_says(appear * T + sec(RESPONSE_DELAY), ["look", colour, obj])
   size = frame_size
   bg = rng.integers(50, 110, size=3)
   texture = rng.integers(-12, 13, size=(size, size, 1))
@@ -91,7 +99,7 @@ def visual_interjection(s: Script, rng, frame_size: int) -> None:
     return out, np.arange(turns, dtype=np.int32)
 
   s.frames = frames
-  s.meta |= {"object": f"{colour} {obj}", "appear_turn": appear}
+  s.meta |= {"object": f"{colour} {obj}", "appear_turn": appear} if appear < 1 << 30 else {"object": ""}
 
 
 def translation(s: Script, rng, frame_size: int) -> None:

@@ -119,9 +119,16 @@ def slot_keys(rng, state: StepState, stream_index: int, slot):
   return jax.vmap(one)(state.seed, state.turn)
 
 
-def flow_noise(keys_B, channels: int):
-  """The Gaussian noise a mel slot's Euler integration starts from."""
-  return jax.vmap(lambda k: jax.random.normal(k, (channels,)))(keys_B)
+def flow_noise(keys_B, channels: int, temperature_B):
+  """The Gaussian noise a mel slot's Euler integration starts from, with standard deviation sqrt(temperature).
+
+  Temperature tau scales a Gaussian's log-density by 1/tau, i.e. its variance by tau:
+  the same knob as the text logits'. At 0 (greedy) the flow starts from the prior's
+  mean and is deterministic; full-noise sampling voices stray frames where the model
+  hesitates between silence and speech, which greedy text would not do.
+  """
+  unit = jax.vmap(lambda k: jax.random.normal(k, (channels,)))(keys_B)
+  return unit * jnp.sqrt(jnp.maximum(temperature_B, 0.0))[:, None]
 
 
 def step_fn(model: InteractionModel, state: StepState, turn_inputs, rng, forced=None):
@@ -149,7 +156,7 @@ def step_fn(model: InteractionModel, state: StepState, turn_inputs, rng, forced=
         value_B = sample_text(logp_BV, state.temperature, state.top_p, keys_B) if given_B is None else given_B
         score_B = (jnp.take_along_axis(logp_BV, value_B[:, None], axis=-1)[:, 0], greedy_text(logp_BV))
       else:
-        noise = flow_noise(keys_B, spec.mel_channels)
+        noise = flow_noise(keys_B, spec.mel_channels, state.temperature)
         value_B = model.flow_heads[spec.name].sample(h_BD, noise, cfg.flow_steps) if given_B is None else given_B
         score_B = value_B
       x_B1D = model.embed_stream(spec.name, value_B[:, None, None], slot, state.turn[:, None])[:, 0]

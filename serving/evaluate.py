@@ -230,17 +230,25 @@ def main(argv=None) -> int:
   p.add_argument("--max-conversations", type=int)
   p.add_argument("--oracle", action="store_true", help="score the recorded model streams (checks the metrics)")
   args = p.parse_args(argv)
-  report = run(
-    args.checkpoint,
-    args.data,
-    args.slots,
-    args.output,
-    temperature=args.temperature,
-    top_p=args.top_p,
-    seed=args.seed,
-    max_conversations=args.max_conversations,
-    oracle=args.oracle,
-  )
+  if args.slots < 1:
+    raise SystemExit(f"error: --slots must be >= 1, got {args.slots}")
+  try:
+    report = run(
+      args.checkpoint,
+      args.data,
+      args.slots,
+      args.output,
+      temperature=args.temperature,
+      top_p=args.top_p,
+      seed=args.seed,
+      max_conversations=args.max_conversations,
+      oracle=args.oracle,
+    )
+  except (FileNotFoundError, shards.ManifestError) as e:  # CheckpointNotFoundError included
+    raise SystemExit(
+      f"error: {e}\n(--checkpoint takes a trainer workdir, --data a dataset directory; after make demo: "
+      "--checkpoint workdir/demo --data workdir/demo/data)"
+    ) from None
   if args.require_targets and not report["all_targets_pass"]:
     print(f"--require-targets: {len(report['targets_failed'])} target(s) failed", file=sys.stderr)
     return 1

@@ -78,8 +78,14 @@ def test_barge_in_model_stops_within_one_micro_turn():
     assert conv.user_audio[tb : tb + 800].any()
 
 
-def test_visual_interjection_object_then_look():
-  for conv in of_task("visual_interjection"):
+def test_visual_interjection_object_then_look_and_silence_when_nothing_appears():
+  convs = of_task("visual_interjection", count=12)
+  empty = [c for c in convs if not c.meta["object"]]
+  assert 0 < len(empty) < len(convs)
+  for conv in empty:
+    assert not np.any(conv.frames != conv.frames[0])
+    assert not words(conv, "model_text") and not np.any(conv.labels["cue"] == CUE["object"])
+  for conv in (c for c in convs if c.meta["object"]):
     k = conv.meta["appear_turn"]
     assert conv.labels["cue"][k] == CUE["object"]
     changed = np.flatnonzero(np.any(conv.frames != conv.frames[0], axis=(1, 2, 3)))

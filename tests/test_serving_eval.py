@@ -61,6 +61,16 @@ def test_streamed_evaluation_writes_report_and_timelines_and_gates_on_targets(da
   assert evaluate.main([*args, "--oracle"]) == 0
 
 
+def test_evaluation_cli_names_a_missing_checkpoint_or_dataset_in_one_line(data_dir, tmp_path):
+  workdir = save_checkpoint(tmp_path)
+  with pytest.raises(SystemExit, match=r"^error: .*nowhere: no such directory\n.*--checkpoint workdir/demo"):
+    evaluate.main(["--checkpoint", str(tmp_path / "nowhere"), "--data", str(data_dir)])
+  with pytest.raises(SystemExit, match=r"^error: .*no manifest"):
+    evaluate.main(["--checkpoint", str(workdir), "--data", str(tmp_path)])
+  with pytest.raises(SystemExit, match="--slots must be >= 1"):
+    evaluate.main(["--checkpoint", str(workdir), "--data", str(data_dir), "--slots", "0"])
+
+
 def test_spoken_words_skip_call_contents():
   from interaction import text
 

@@ -56,14 +56,16 @@ def test_free_running_step_is_what_the_forward_would_sample():
   x = model.embed_window({s.name: window[s.name] for s in cfg.streams}, window["first_turn"], 8)
   h, _, _ = model.forward(x, model.window_positions(window["first_turn"], 8))
   h_text = h[:, model.prediction_index("text_out", 8)]
-  np.testing.assert_array_equal(np.argmax(model.text_logits(h_text), -1), got["text_out"])
+  greedy = step_lib.greedy_text(model.text_logits(h_text).reshape(-1, cfg.spec("text_out").vocab_size))
+  np.testing.assert_array_equal(np.asarray(greedy).reshape(got["text_out"].shape), got["text_out"])
   h_audio = h[:, model.prediction_index("audio_out", 8)]
   index = [s.name for s in model.order].index("audio_out")
   for t in range(8):
     # The step donated its state; a fresh one has the same seeds (0, 1).
     fake = step_lib.init_state(cfg, 2, cfg.attention_window)._replace(turn=jnp.full((2,), t, jnp.int32))
     for j in range(cfg.spec("audio_out").slots):
-      noise = step_lib.flow_noise(step_lib.slot_keys(rng, fake, index, j), cfg.spec("audio_out").mel_channels)
+      keys = step_lib.slot_keys(rng, fake, index, j)
+      noise = step_lib.flow_noise(keys, cfg.spec("audio_out").mel_channels, jnp.zeros(2))
       mel = model.flow_heads["audio_out"].sample(h_audio[:, t, j], noise, cfg.flow_steps)
       np.testing.assert_allclose(got["audio_out"][:, t, j], mel, atol=1e-4)
 
@@ -171,6 +173,14 @@ def test_greedy_speaks_when_speech_holds_most_of_the_mass_even_if_silence_is_the
   assert step_lib.greedy_text(logits(0.05, {"n": 0.15, "o": 0.8})).tolist() == [ord("o")]
   keys = jax.random.split(jax.random.key(0), 1)
   assert step_lib.sample_text(spread, jnp.zeros(1), jnp.ones(1), keys).tolist() == [ord("n")]
+
+
+def test_flow_noise_has_standard_deviation_sqrt_temperature():
+  keys = jnp.stack([jax.random.key(3)] * 3)
+  noise = np.asarray(step_lib.flow_noise(keys, 4096, jnp.array([0.0, 1.0, 4.0])))
+  assert not noise[0].any()  # greedy: the flow starts from the prior's mean
+  np.testing.assert_allclose(noise[2], 2 * noise[1], rtol=1e-6)  # same draw, scaled
+  assert 0.95 < noise[1].std() < 1.05
 
 
 def test_rope_angles_stay_accurate_in_sessions_of_hours_and_are_the_plain_product_below_4096():
