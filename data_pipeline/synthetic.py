@@ -188,6 +188,26 @@ def conversation(seed: int, index: int, tasks=TASKS, frame_size: int = 40) -> re
   return render(s)
 
 
+def mixed_tasks(weights=None) -> tuple[str, ...]:
+  """The task cycle for a mix: each task ``weights.get(task, 1)`` times, interleaved.
+
+  ``{"visual_interjection": 3}`` -> the seven tasks, then visual_interjection twice more:
+  a third of the conversations are visual, the rest split evenly.
+  """
+  weights = dict(weights or {})
+  unknown = sorted(set(weights) - set(TASKS))
+  if unknown:
+    raise ValueError(f"synthetic mix names unknown tasks {unknown}; known: {TASKS}")
+  bad = {k: v for k, v in weights.items() if not (isinstance(v, int) and v >= 0)}
+  if bad:
+    raise ValueError(f"synthetic mix weights must be integers >= 0, got {bad}")
+  rounds = max([1, *weights.values()])
+  cycle = tuple(t for r in range(rounds) for t in TASKS if weights.get(t, 1) > r)
+  if not cycle:
+    raise ValueError("synthetic mix gives every task weight 0")
+  return cycle
+
+
 def generate(
   out_dir,
   split: str,

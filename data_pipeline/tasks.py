@@ -26,7 +26,7 @@ from data_pipeline.synthetic import (
 T = SAMPLES_PER_TURN
 RESPONSE_DELAY = 0.4  # seconds from a cue to the model's spoken reaction
 TRANSLATION_LAG_TURNS = 3
-VISUAL_EMPTY = 1 / 3  # visual_interjection conversations in which no object appears
+VISUAL_EMPTY = 1 / 4  # visual_interjection conversations in which no object appears
 
 
 def sec(x: float) -> int:
@@ -82,7 +82,7 @@ def visual_interjection(s: Script, rng, frame_size: int) -> None:
   size = frame_size
   bg = rng.integers(50, 110, size=3)
   texture = rng.integers(-12, 13, size=(size, size, 1))
-  radius = int(rng.integers(size // 8, size // 4 + 1))
+  radius = int(rng.integers(size // 5, size // 3 + 1))
   cy, cx = (int(v) for v in rng.integers(radius, size - radius, size=2))
 
   def frames(turns):

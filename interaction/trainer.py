@@ -48,8 +48,13 @@ def prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
   data_dir = workdir / "data"
   if jax.process_index() == 0 and not (data_dir / "manifest.json").exists():
     log(f"generating the embedded synthetic dataset into {data_dir}")
-    for split, count in (("train", config.data.synthetic_train), ("eval", config.data.synthetic_eval)):
-      synthetic.generate(data_dir, split, count, seed=config.data.seed + (split == "eval"), progress=True)
+    # The train split follows the configured mix; held-out conversations are spread evenly over the tasks.
+    train_tasks = synthetic.mixed_tasks(config.data.get("synthetic_mix"))
+    for split, count, tasks in (
+      ("train", config.data.synthetic_train, train_tasks),
+      ("eval", config.data.synthetic_eval, synthetic.TASKS),
+    ):
+      synthetic.generate(data_dir, split, count, seed=config.data.seed + (split == "eval"), tasks=tasks, progress=True)
   distributed.barrier("synthetic_data", timeout=max(distributed.timeout_s(), config.data.get("prepare_timeout", 3600)))
   return data_dir
 

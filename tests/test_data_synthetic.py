@@ -134,3 +134,16 @@ def test_tools_and_delegation(task, call, result):
     # The result's first token sits in the micro-turn the result arrives in.
     opener = text.TOOL_RESULT_START if task == "tool_use" else text.BACKGROUND_RESULT_START
     assert np.argwhere(w["text_in"] == opener)[0][0] == k
+
+
+def test_a_mix_repeats_tasks_by_weight_and_bad_mixes_are_named():
+  cycle = synthetic.mixed_tasks({"visual_interjection": 3, "translation": 0})
+  assert cycle.count("visual_interjection") == 3 and "translation" not in cycle
+  assert all(cycle.count(t) == 1 for t in TASKS if t not in ("visual_interjection", "translation"))
+  assert synthetic.mixed_tasks(None) == synthetic.mixed_tasks({}) == TASKS
+  with pytest.raises(ValueError, match=r"unknown tasks \['vision'\]"):
+    synthetic.mixed_tasks({"vision": 2})
+  with pytest.raises(ValueError, match="integers >= 0"):
+    synthetic.mixed_tasks({"barge_in": 1.5})
+  with pytest.raises(ValueError, match="every task weight 0"):
+    synthetic.mixed_tasks(dict.fromkeys(TASKS, 0))
