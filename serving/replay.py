@@ -33,11 +33,24 @@ def replay_batch(step, cfg, params, batch, cache_tokens: int):
   return np.stack(greedy, 1), np.stack(logps, 1)
 
 
+def first_windows(batch):
+  """The rows of ``batch`` whose window starts a conversation (None if there are none).
+
+  A conversation longer than the replay window continues in later windows; replaying one of
+  those from an empty cache would score the model without its past, so they are left out.
+  """
+  keep = np.asarray(batch["first_turn"]) == 0
+  if not keep.any():
+    return None
+  return batch if keep.all() else jax.tree.map(lambda x: np.asarray(x)[keep], batch)
+
+
 def replay(cfg, graphdef, params, batches, *, cache_tokens: int) -> dict[int, dict[str, float]]:
-  """Per task id: greedy accuracy on spoken and on silent ``text_out`` slots, and mean log-prob."""
+  """Per task id: greedy accuracy on spoken and on silent ``text_out`` slots (the first window of each
+  conversation), and mean log-prob."""
   step = step_lib.Step(graphdef, cfg)
   sums: dict[int, np.ndarray] = {}
-  for batch in batches:
+  for batch in filter(lambda b: b is not None, map(first_windows, batches)):
     greedy, logp = replay_batch(step, cfg, params, batch, cache_tokens)
     target = batch["text_out"]
     mask = np.broadcast_to(batch["turn_mask"][..., None] > 0, target.shape)

@@ -80,3 +80,24 @@ def test_spoken_words_skip_call_contents():
   words = metrics.spoken_words(np.array(ids).reshape(-1, 4))
   assert [w for _, w in words] == ["let", "me", "check", "three"]
   assert words[0][0] == 0 and words[-1][0] == 23 // 4  # "three" starts at byte 23
+
+
+def test_replay_scores_first_windows_and_leaves_continuations_out():
+  from experiments import tiny
+  from interaction import config as config_lib
+  from serving import replay
+  from tests.helpers import SMALL_MODEL, random_batch
+
+  config = tiny.get_config()
+  config.model.update(SMALL_MODEL)
+  cfg = config_lib.model_config(config)
+  graphdef, params = make_model(cfg, seed=3)
+  batch = random_batch(cfg, 3, 4, seed=5, first_turn=[0, 4, 0])
+  batch |= {"turn_mask": np.ones((3, 4), np.int32), "labels": {"task": np.array([[0] * 4, [1] * 4, [2] * 4])}}
+  assert replay.first_windows(dict(batch, first_turn=np.array([4, 8, 4]))) is None
+  kept = replay.first_windows(batch)
+  assert kept["first_turn"].tolist() == [0, 0] and kept["labels"]["task"][:, 0].tolist() == [0, 2]
+  scores = replay.replay(cfg, graphdef, nnx.to_pure_dict(params), [batch], cache_tokens=cfg.attention_window)
+  assert sorted(scores) == [0, 2]  # the continuation window (task 1) is not scored
+  with pytest.raises(ValueError, match="start at micro-turn 0"):
+    replay.replay_batch(None, cfg, params, batch, cfg.attention_window)
