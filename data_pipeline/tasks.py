@@ -74,9 +74,8 @@ def visual_interjection(s: Script, rng, frame_size: int) -> None:
   uend = s.user_says(t, _filler(rng, 10, 14), rng)
   appear = int(rng.integers(t // T + 3, max(t // T + 4, uend // T - 4)))
   colour, obj = str(rng.choice(COLOURS)), str(rng.choice(OBJECTS))
-  if rng.uniform() < VISUAL_EMPTY:
-    appear = 1 << 30  # never: the frames stay the background
-  else:
+  empty = bool(rng.uniform() < VISUAL_EMPTY)
+  if not empty:
     s.cue(appear * T, "object")
     s.model_says(appear * T + sec(RESPONSE_DELAY), ["look", colour, obj])
   size = frame_size
@@ -95,11 +94,11 @@ def visual_interjection(s: Script, rng, frame_size: int) -> None:
     base = np.clip(bg + texture, 0, 255).astype(np.uint8)
     seen = base.copy()
     seen[inside] = RGB[colour]
-    out = np.stack([seen if k >= appear else base for k in range(turns)])
+    out = np.stack([seen if k >= appear and not empty else base for k in range(turns)])
     return out, np.arange(turns, dtype=np.int32)
 
   s.frames = frames
-  s.meta |= {"object": f"{colour} {obj}", "appear_turn": appear} if appear < 1 << 30 else {"object": ""}
+  s.meta |= {"object": ""} if empty else {"object": f"{colour} {obj}", "appear_turn": appear}
 
 
 def translation(s: Script, rng, frame_size: int) -> None:

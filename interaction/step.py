@@ -93,9 +93,9 @@ def greedy_text(logits_BV):
   return jnp.where(logp_BV[:, text.PAD] >= jnp.log(0.5), text.PAD, speak_B)
 
 
-def sample_text(logits_BV, temperature_B, top_p_B, keys_B):
-  """Per-row temperature / nucleus sampling; temperature 0 is greedy (``greedy_text``)."""
-  greedy_B = greedy_text(logits_BV)
+def sample_text(logits_BV, temperature_B, top_p_B, keys_B, greedy_B=None):
+  """Per-row temperature / nucleus sampling; temperature 0 is greedy (``greedy_text``, or ``greedy_B`` if given)."""
+  greedy_B = greedy_text(logits_BV) if greedy_B is None else greedy_B
   scaled = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
   probs = jax.nn.softmax(scaled, axis=-1)
   sorted_p = -jnp.sort(-probs, axis=-1)
@@ -153,8 +153,9 @@ def step_fn(model: InteractionModel, state: StepState, turn_inputs, rng, forced=
       keys_B = slot_keys(rng, state, index, slot)
       if spec.kind == "text":
         logp_BV = jax.nn.log_softmax(model.text_logits(h_BD), axis=-1)
-        value_B = sample_text(logp_BV, state.temperature, state.top_p, keys_B) if given_B is None else given_B
-        score_B = (jnp.take_along_axis(logp_BV, value_B[:, None], axis=-1)[:, 0], greedy_text(logp_BV))
+        greedy_B = greedy_text(logp_BV)
+        value_B = sample_text(logp_BV, state.temperature, state.top_p, keys_B, greedy_B) if given_B is None else given_B
+        score_B = (jnp.take_along_axis(logp_BV, value_B[:, None], axis=-1)[:, 0], greedy_B)
       else:
         noise = flow_noise(keys_B, spec.mel_channels, state.temperature)
         value_B = model.flow_heads[spec.name].sample(h_BD, noise, cfg.flow_steps) if given_B is None else given_B

@@ -50,7 +50,10 @@ def replay(cfg, graphdef, params, batches, *, cache_tokens: int) -> dict[int, di
   conversation), and mean log-prob."""
   step = step_lib.Step(graphdef, cfg)
   sums: dict[int, np.ndarray] = {}
-  for batch in filter(lambda b: b is not None, map(first_windows, batches)):
+  for batch in batches:
+    batch = first_windows(batch)
+    if batch is None:
+      continue
     greedy, logp = replay_batch(step, cfg, params, batch, cache_tokens)
     target = batch["text_out"]
     mask = np.broadcast_to(batch["turn_mask"][..., None] > 0, target.shape)
