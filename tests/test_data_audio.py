@@ -1,5 +1,7 @@
 """dMel featurizer, Griffin-Lim inverse, WAV io and resampling."""
 
+import struct
+
 import numpy as np
 import pytest
 
@@ -90,6 +92,33 @@ def test_wav_roundtrip_and_resampling(tmp_path):
   assert abs(np.argmax(spectrum) * SAMPLE_RATE / len(r) - 1000.0) < 2.0
   # Energy preserved away from the edges, nothing aliased above 8 kHz is possible at 16 kHz.
   assert np.std(r[1000:-1000]) == pytest.approx(0.5 / np.sqrt(2), rel=0.02)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "int24", "int32", "float32", "float64"])
+def test_wav_reads_every_sample_format_to_float_mono(tmp_path, dtype):
+  from scipy.io import wavfile
+
+  rng = np.random.default_rng(0)
+  stereo = rng.uniform(-0.9, 0.9, (500, 2))
+  step = {"uint8": 2**-7, "int16": 2**-15, "int24": 2**-23, "int32": 2**-31}.get(dtype, 0.0)
+  if dtype == "uint8":
+    data = np.round(stereo * 128 + 128).astype(np.uint8)
+  elif dtype.startswith("int"):
+    bits = int(dtype[3:])
+    data = np.round(stereo * 2 ** (bits - 1)).astype(np.int32 if bits > 16 else np.int16)
+  else:
+    data = stereo.astype(dtype)
+  path = tmp_path / "x.wav"
+  if dtype == "int24":  # scipy writes no 24-bit PCM: pack the little-endian bytes by hand
+    body = (data.astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3]).tobytes()
+    fmt = struct.pack("<HHIIHH", 1, 2, 8000, 8000 * 6, 6, 24)
+    riff = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(body)) + body
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(riff)) + riff)
+  else:
+    wavfile.write(path, 8000, data)
+  got, rate = wav.read_wav(path)
+  assert rate == 8000 and got.dtype == np.float32 and got.shape == (500,)
+  np.testing.assert_allclose(got, stereo.mean(axis=1), atol=step + 1e-6)
 
 
 def test_wav_rejects_garbage(tmp_path):
