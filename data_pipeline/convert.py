@@ -8,9 +8,9 @@ Each sub-folder of --input (or --input itself) is one conversation:
   model.wav         the model's audio (optional; silence if absent)
   transcript.json   word timestamps, events, optional labels and metadata
   frames/           optional video frames named by time in ms: 000400.npy (uint8 [H, W, 3]),
-                    .ppm, or .png/.jpg when Pillow is installed
+                    or any image Pillow reads as RGB (.png, .jpg, .ppm)
 
-WAVs at another sample rate are resampled to 16 kHz (Kaiser-windowed sinc) and
+WAVs at another sample rate are resampled to 16 kHz (scipy's polyphase filter) and
 several channels are averaged; a count is printed. The transcript format and
 the checks (e.g. an event outside its audio is refused, naming the conversation)
 are in data_pipeline/README.md.
@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from data_pipeline import record, shards, wav
 from data_pipeline.record import SAMPLE_RATE
@@ -54,39 +55,13 @@ def _load_audio(path: Path, stats: dict) -> np.ndarray:
 
 
 def _read_image(path: Path) -> np.ndarray:
-  if path.suffix == ".npy":
+  if path.suffix.lower() == ".npy":
     return np.load(path, allow_pickle=False)
-  if path.suffix == ".ppm":
-    return _read_ppm(path)
   try:
-    from PIL import Image
-  except ImportError as e:
-    raise ConversionError(
-      f"{path}: reading {path.suffix} frames needs Pillow (pip install pillow); .npy and .ppm work without it"
-    ) from e
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
-
-
-def _read_ppm(path: Path) -> np.ndarray:
-  """Binary 8-bit PPM (P6)."""
-  data = path.read_bytes()
-  fields, pos = [], 0
-  while len(fields) < 4:
-    while data[pos : pos + 1].isspace():
-      pos += 1
-    if data[pos : pos + 1] == b"#":
-      pos = data.index(b"\n", pos) + 1
-      continue
-    end = pos
-    while not data[end : end + 1].isspace():
-      end += 1
-    fields.append(data[pos:end])
-    pos = end
-  if fields[0] != b"P6" or int(fields[3]) != 255:
-    raise ConversionError(f"{path}: only binary 8-bit PPM (P6, maxval 255) is supported")
-  w, h = int(fields[1]), int(fields[2])
-  return np.frombuffer(data[pos + 1 : pos + 1 + w * h * 3], np.uint8).reshape(h, w, 3)
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for an unreadable or truncated image
+    raise ConversionError(f"{path}: not a readable image ({e}); frames are .npy, .png, .jpg or .ppm") from None
 
 
 def _load_frames(folder: Path, conv_id: str):

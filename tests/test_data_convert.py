@@ -54,6 +54,31 @@ def test_converts_a_folder_exactly(tmp_path):
     assert g.num_turns == c.num_turns
 
 
+@pytest.mark.parametrize("suffix", [".png", ".ppm"])
+def test_image_frames_read_with_pillow_equal_npy_frames(tmp_path, suffix):
+  from PIL import Image
+
+  conv = synthetic.conversation(2, 2)
+  assert conv.frames is not None
+  write_folder(tmp_path / "in" / "a", conv)
+  for f in sorted((tmp_path / "in" / "a" / "frames").iterdir()):  # the same frames as lossless images
+    Image.fromarray(np.load(f)).save(f.with_suffix(suffix))
+    f.unlink()
+  got = convert.load_conversation(tmp_path / "in" / "a")
+  np.testing.assert_array_equal(got.frames, conv.frames)
+  np.testing.assert_array_equal(got.frame_turns, conv.frame_turns)
+
+
+def test_an_unreadable_frame_is_refused_naming_the_file(tmp_path):
+  conv = synthetic.conversation(2, 2)
+  write_folder(tmp_path / "in" / "a", conv)
+  first = sorted((tmp_path / "in" / "a" / "frames").iterdir())[0]
+  first.unlink()
+  first.with_suffix(".png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+  with pytest.raises(convert.ConversionError, match=f"{first.stem}.png: not a readable image"):
+    convert.load_conversation(tmp_path / "in" / "a")
+
+
 def test_other_sample_rate_is_resampled(tmp_path):
   conv = synthetic.conversation(2, 0)
   write_folder(tmp_path / "in" / "a", conv, rate=22050)
