@@ -16,8 +16,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from interaction import checkpoint, distributed, metrics, objective, sharding, train
 from interaction import config as config_lib
+from interaction import distributed, metrics, objective, sharding, train
+from interaction.ckpt import trainer as checkpoint
 
 # How processes split the data: "records" (each reads its own records, batch_size / processes windows
 # per step; scales) or "whole" (each reads the global batch and keeps its rows: the same batches as a

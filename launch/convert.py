@@ -8,7 +8,7 @@ r"""Convert checkpoints: trainer -> serve layout, Hugging Face MoE LLM <-> inter
 
 Every command works one array at a time (host memory about twice the largest
 array) and writes a serve checkpoint whose manifest holds a SHA-256 per array;
-``interaction.serve_checkpoint.load`` verifies them. Only safetensors are read
+``interaction.ckpt.open_model`` verifies them. Only safetensors are read
 from HF directories. An imported model keeps the source vocabulary: it needs the
 source's tokenizer, not our byte-level one. Prints a JSON summary on success; on
 a refused input prints ``error: ...`` and exits 2.
@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import runpy
 import sys
 
+# The streams an imported LLM gets unless --experiment names another config file (read by path, not imported).
+DEFAULT_EXPERIMENT = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "tiny.py"
+
 
 def _experiment(path: str | None):
-  if path is None:
-    return None
-  return runpy.run_path(path)["get_config"]()
+  path = pathlib.Path(path) if path else DEFAULT_EXPERIMENT
+  if not path.is_file():
+    raise FileNotFoundError(f"--experiment {path}: no such config file")
+  return runpy.run_path(str(path))["get_config"]()
 
 
 def _mesh(text: str | None) -> dict | None:
@@ -65,10 +70,10 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
   if args.command == "train-to-serve":
-    from interaction.convert import train_to_serve
+    from interaction.ckpt import train_to_serve
 
     return train_to_serve.convert(args.src, args.dst, step=args.step, dtype=args.dtype, mesh_hint=_mesh(args.mesh))
-  from interaction.convert import hf
+  from interaction.ckpt import hf
 
   if args.command == "hf-to-interaction":
     experiment = _experiment(args.experiment)

@@ -24,34 +24,26 @@ _REPLAY_TURNS = flags.DEFINE_integer("replay_turns", 56, "Micro-turns per replay
 
 def main(argv):
   del argv
-  import jax
-
   from data_pipeline import synthetic
   from data_pipeline.pipeline import make_pipeline
-  from interaction import checkpoint, sharding, train, trainer
-  from interaction import config as config_lib
+  from interaction import trainer
+  from interaction.ckpt import open_model
   from serving import evaluate, replay
 
   config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
   summary = trainer.run(config, workdir)
-  cfg = config_lib.model_config(config)
-  one = sharding.make_mesh({}, jax.devices()[:1])
-  graphdef, fresh, shardings = train.create(cfg, config.train, one)
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
-  step = ckpt.latest_step()
-  restored, _, _ = ckpt.restore(step, train.abstract_state(jax.eval_shape(lambda s: s, fresh), shardings)._asdict())
-  ckpt.close()
+  loaded = open_model(workdir)  # the newest step's parameters on one device; the optimizer state stays on disk
   data_dir = trainer.prepare_data(config, workdir)
   batches = make_pipeline(
     config, data_dir, split="eval", window_turns=_REPLAY_TURNS.value, num_epochs=1, shuffle=False, process_count=1
   )
-  scores = replay.replay(cfg, graphdef, restored["params"], batches, cache_tokens=config.serve.cache_tokens)
+  scores = replay.replay(loaded.cfg, loaded.graphdef, loaded.params, batches, cache_tokens=loaded.cache_tokens)
   print()
   print(
     f"trained {summary['step']} steps; held-out loss {summary['eval']['total']:.4f} "
     f"(text cross-entropy {summary['eval']['text_ce']:.4f}, flow {summary['eval']['flow']:.4f})"
   )
-  print(f"checkpoint step {step} restored onto 1 device; held-out conversations replayed through the step:")
+  print(f"checkpoint step {loaded.step} restored onto 1 device; held-out conversations replayed through the step:")
   print(f"{'task':<22}{'says the right byte':>20}{'stays silent':>14}{'mean log p':>12}")
   for task_id in sorted(scores):
     s = scores[task_id]

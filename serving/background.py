@@ -28,6 +28,7 @@ import numpy as np
 
 from interaction import layout, text
 from interaction import step as step_lib
+from interaction.ckpt import open_model
 from serving.calls import Call
 
 DEFAULT_DEADLINE = 10.0  # seconds
@@ -54,9 +55,7 @@ class CheckpointBackground:
   """A second model from its own checkpoint: context in on ``text_in``, answer out of ``text_out``."""
 
   def __init__(self, path, *, max_turns: int = 64, silent_turns: int = 3, seed: int = 0):
-    from serving import load
-
-    self.loaded = load.load_params(path)
+    self.loaded = open_model(path)
     self.cfg = self.loaded.cfg
     self.step = step_lib.Step(self.loaded.graphdef, self.cfg)
     self.max_turns, self.silent_turns, self.rng = max_turns, silent_turns, jax.random.key(seed)

@@ -116,7 +116,7 @@ class Engine:
 
   @classmethod
   def from_loaded(cls, loaded, *, slots: int, **kw) -> Engine:
-    """An engine over a ``serving.load.load_params`` result."""
+    """An engine over a ``interaction.ckpt.open_model`` result."""
     kw.setdefault("cache_tokens", loaded.cache_tokens)
     return cls(loaded.cfg, loaded.graphdef, loaded.params, slots=slots, **kw)
 

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from data_pipeline import featurize, record, shards, synthetic
+from interaction.ckpt import open_model
 from serving import metrics
 from serving.calls import MarkerParser
 
@@ -181,12 +182,11 @@ def run(
   progress: bool = True,
 ) -> dict:
   """Evaluate ``checkpoint`` on the eval split of ``data_dir``; print the table, return the report."""
-  from serving import load
   from serving.background import ArithmeticBackground, BackgroundWorker
   from serving.engine import Engine, Sampling
   from serving.tools import ToolRuntime
 
-  loaded = load.load_params(checkpoint)
+  loaded = open_model(checkpoint)
   convs = read_conversations(data_dir, limit=max_conversations)
   if not convs:
     raise ValueError(f"{data_dir}: the eval split holds no conversations")

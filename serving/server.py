@@ -678,11 +678,11 @@ def read_token(token_file: str | None) -> tuple[str, str]:
 
 
 def build_engine(checkpoint: str, slots: int) -> Engine:
+  from interaction.ckpt import open_model
   from serving.background import ArithmeticBackground, BackgroundWorker
-  from serving.load import load_params
   from serving.tools import ToolRuntime
 
-  loaded = load_params(checkpoint)
+  loaded = open_model(checkpoint)
   return Engine.from_loaded(
     loaded, slots=slots, tools=ToolRuntime(), background=BackgroundWorker(ArithmeticBackground())
   )

@@ -11,8 +11,9 @@ import numpy as np
 from flax import nnx
 
 from experiments import tiny
-from interaction import checkpoint, layout, objective
 from interaction import config as config_lib
+from interaction import layout, objective
+from interaction.ckpt import trainer as checkpoint
 from interaction.model import InteractionModel
 
 # A smaller tiny for tests that run many ticks; the engine and evaluator logic is size-blind.

@@ -14,13 +14,15 @@ from flax import nnx
 torch = pytest.importorskip("torch", reason="golden logits need PyTorch (pip install torch==2.13.0, CPU wheel)")
 transformers = pytest.importorskip("transformers", reason="golden logits need transformers to build the reference")
 
-from interaction import serve_checkpoint  # noqa: E402
-from interaction.convert import hf as hf_lib  # noqa: E402
-from interaction.convert import params as params_lib  # noqa: E402
-from interaction.convert.paths import UnsafePathError  # noqa: E402
-from interaction.convert.safetensors_io import SafetensorsFile  # noqa: E402
+from experiments import tiny  # noqa: E402
+from interaction.ckpt import hf as hf_lib  # noqa: E402
+from interaction.ckpt import params as params_lib  # noqa: E402
+from interaction.ckpt import serve as serve_checkpoint  # noqa: E402
+from interaction.ckpt.paths import UnsafePathError  # noqa: E402
+from interaction.ckpt.safetensors_io import SafetensorsFile  # noqa: E402
 
 VOCAB = 300
+EXPERIMENT = tiny.get_config()  # streams and modality settings of the imported models
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
 
 
@@ -83,7 +85,7 @@ def inputs():
 
 def test_golden_logits_and_exact_round_trip(hf_model):
   arch, model, d = hf_model
-  summary = hf_lib.hf_to_interaction(d / "hf", d / "ours", arch)
+  summary = hf_lib.hf_to_interaction(d / "hf", d / "ours", arch, experiment=EXPERIMENT)
   assert "embedders/audio_in/tables" in summary["initialized"] and "slot_embed" in summary["initialized"]
   assert not any(n.startswith(("moe/", "dense/")) for n in summary["initialized"])
   cfg = serve_checkpoint.model_config(d / "ours")
@@ -113,7 +115,7 @@ def test_golden_logits_and_exact_round_trip(hf_model):
 def test_interaction_trained_backbone_exports_and_matches(tmp_path):
   """A backbone that never came from HF (tied, scaled head) exports to a Qwen3-MoE transformers runs the same."""
   source = qwen3().to_dict() | {"model_type": "qwen3_moe", "vocab_size": 256}
-  cfg = dataclasses.replace(hf_lib.import_config(source, "qwen3_moe"), tie_text_embedding=True)
+  cfg = dataclasses.replace(hf_lib.import_config(source, "qwen3_moe", EXPERIMENT), tie_text_embedding=True)
   w = serve_checkpoint.Writer(tmp_path / "ours", cfg)
   for name, value in params_lib.init_params(cfg, params_lib.param_infos(cfg), seed=3).items():
     w.add(name, np.asarray(value))
@@ -146,7 +148,7 @@ REFUSALS = [
 def test_unsupported_features_are_refused_by_name(tmp_path, arch, patch, message):
   config = (mixtral() if arch == "mixtral" else qwen3()).to_dict() | {"model_type": arch} | patch
   with pytest.raises(hf_lib.UnsupportedSourceError, match=message):
-    hf_lib.import_config(config, arch)
+    hf_lib.import_config(config, arch, EXPERIMENT)
 
 
 def test_extra_source_tensors_are_refused_by_name(hf_model, tmp_path):
@@ -162,7 +164,7 @@ def test_extra_source_tensors_are_refused_by_name(hf_model, tmp_path):
   tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
   save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
   with pytest.raises(hf_lib.UnsupportedSourceError, match="biases.*q_proj.bias"):
-    hf_lib.hf_to_interaction(src, tmp_path / "out", arch)
+    hf_lib.hf_to_interaction(src, tmp_path / "out", arch, experiment=EXPERIMENT)
 
 
 def test_pickle_weights_and_escaping_paths_are_refused(hf_model, tmp_path):
@@ -174,21 +176,21 @@ def test_pickle_weights_and_escaping_paths_are_refused(hf_model, tmp_path):
   shutil.copy(d / "hf" / "config.json", pickled)
   (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
   with pytest.raises(hf_lib.UnsafeFormatError, match=r"pickle.*pytorch_model\.bin"):
-    hf_lib.hf_to_interaction(pickled, tmp_path / "o1", arch)
+    hf_lib.hf_to_interaction(pickled, tmp_path / "o1", arch, experiment=EXPERIMENT)
   for target in ("../outside/model.safetensors", "/etc/passwd.safetensors"):
     src = tmp_path / f"index{len(target)}"
     shutil.copytree(d / "hf", src)
     index = {"weight_map": {"model.embed_tokens.weight": target}}
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(UnsafePathError):
-      hf_lib.hf_to_interaction(src, tmp_path / "o2", arch)
+      hf_lib.hf_to_interaction(src, tmp_path / "o2", arch, experiment=EXPERIMENT)
   outside = tmp_path / "outside"
   outside.mkdir()
   shutil.move(d / "hf" / "model.safetensors", outside / "model.safetensors")
   try:
     os.symlink(outside / "model.safetensors", d / "hf" / "model.safetensors")
     with pytest.raises(UnsafePathError, match="symlink"):
-      hf_lib.hf_to_interaction(d / "hf", tmp_path / "o3", arch)
+      hf_lib.hf_to_interaction(d / "hf", tmp_path / "o3", arch, experiment=EXPERIMENT)
   finally:
     os.unlink(d / "hf" / "model.safetensors")
     shutil.move(outside / "model.safetensors", d / "hf" / "model.safetensors")

@@ -13,12 +13,14 @@ import pytest
 from jax.sharding import SingleDeviceSharding
 
 from experiments import tiny
-from interaction import checkpoint, serve_checkpoint, sharding, train
 from interaction import config as config_lib
+from interaction import sharding, train
 from interaction import step as step_lib
-from interaction.convert import params as params_lib
-from interaction.convert import train_to_serve
-from interaction.convert.paths import UnsafePathError
+from interaction.ckpt import params as params_lib
+from interaction.ckpt import serve as serve_checkpoint
+from interaction.ckpt import train_to_serve
+from interaction.ckpt import trainer as checkpoint
+from interaction.ckpt.paths import UnsafePathError
 from tests.helpers import random_batch
 
 ROOT = pathlib.Path(__file__).parent.parent

@@ -7,25 +7,26 @@ import pytest
 from flax import nnx
 
 from data_pipeline import synthetic
-from interaction import checkpoint
-from serving import evaluate, load, metrics
+from interaction import ckpt
+from interaction.ckpt import trainer as checkpoint
+from serving import evaluate, metrics
 from tests.helpers import make_model, save_checkpoint
 
 
 def test_load_params_reads_the_parameters_only(tmp_path):
   workdir = save_checkpoint(tmp_path, with_config_json=False)
   saved_digest = checkpoint.tree_digest(
-    nnx.to_pure_dict(make_model(load.load_params(workdir / "checkpoints").cfg, seed=3)[1])
+    nnx.to_pure_dict(make_model(ckpt.open_model(workdir / "checkpoints").cfg, seed=3)[1])
   )
   for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "3"):
-    loaded = load.load_params(path)  # the config comes from the checkpoint's meta item (no config.json)
+    loaded = ckpt.open_model(path)  # the config comes from the checkpoint's meta item (no config.json)
     assert loaded.step == 3 and loaded.cfg.num_layers == 2 and loaded.cache_tokens == 68
     assert set(loaded.params) == set(nnx.to_pure_dict(make_model(loaded.cfg)[1]))
     assert checkpoint.tree_digest(loaded.params) == saved_digest
-  with pytest.raises(load.CheckpointNotFoundError, match="no step 9"):
-    load.load_params(workdir, step=9)
-  with pytest.raises(load.CheckpointNotFoundError, match="not a trainer workdir"):
-    load.load_params(tmp_path)
+  with pytest.raises(ckpt.CheckpointNotFoundError, match="no step 9"):
+    ckpt.open_model(workdir, step=9)
+  with pytest.raises(ckpt.CheckpointNotFoundError, match="not a trainer workdir"):
+    ckpt.open_model(tmp_path)
 
 
 @pytest.fixture(scope="module")

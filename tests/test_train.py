@@ -17,8 +17,9 @@ import pytest
 
 from data_pipeline import synthetic
 from experiments import tiny
-from interaction import checkpoint, sharding, train, trainer
 from interaction import config as config_lib
+from interaction import sharding, train, trainer
+from interaction.ckpt import trainer as checkpoint
 from tests.helpers import random_batch
 
 ROOT = pathlib.Path(__file__).parent.parent

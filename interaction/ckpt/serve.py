@@ -29,9 +29,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from interaction import sharding
+from interaction.ckpt import params as params_lib
+from interaction.ckpt.paths import UnsafePathError, confined
 from interaction.config import ModelConfig
-from interaction.convert import params as params_lib
-from interaction.convert.paths import UnsafePathError, confined
 
 FORMAT = "interaction-serve"
 VERSION = 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import json
 import pathlib
 
 import jax
@@ -22,43 +21,17 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from interaction import config as config_lib
-from interaction import serve_checkpoint
-from interaction.convert import params as params_lib
-from interaction.convert.paths import check_tree, confined
+from interaction.ckpt import params as params_lib
+from interaction.ckpt import serve, trainer
+from interaction.ckpt.paths import check_tree
 
 _CHUNK_BYTES = 32 << 20
 
 
-def checkpoints_dir(src) -> pathlib.Path:
-  """A trainer workdir (with ``checkpoints/``) or its checkpoints directory."""
-  src = pathlib.Path(src)
-  return src / "checkpoints" if (src / "checkpoints").is_dir() else src
-
-
-def committed_steps(src) -> list[int]:
-  # Orbax renames a step's temporary directory to its bare number when the save is complete.
-  root = checkpoints_dir(src)
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir())
-
-
-def step_dir(src, step: int | None) -> pathlib.Path:
-  steps = committed_steps(src)
-  if not steps:
-    raise FileNotFoundError(f"{src}: no committed checkpoint steps")
-  if step is None:
-    step = steps[-1]
-  if step not in steps:
-    raise FileNotFoundError(f"{src}: no committed step {step}; have {steps}")
-  return confined(checkpoints_dir(src), str(step), what="step")
-
-
-def model_config_of(step_path) -> tuple[config_lib.ModelConfig, dict]:
-  """The model config and metadata a trainer saved with a step."""
-  meta_file = confined(step_path, "meta/metadata", what="checkpoint metadata")
-  meta = json.loads(meta_file.read_text())
-  if "config" not in meta:
-    raise ValueError(f"{meta_file}: no experiment config in the checkpoint metadata")
-  return config_lib.model_config(ml_collections.ConfigDict(meta["config"])), meta
+def model_config_of(step_path, config_file=None) -> tuple[config_lib.ModelConfig, dict]:
+  """The model config and the experiment config a trainer saved with a step."""
+  experiment = trainer.experiment_config(step_path, config_file)
+  return config_lib.model_config(ml_collections.ConfigDict(experiment)), experiment
 
 
 class OrbaxParamReader:
@@ -127,11 +100,11 @@ def _release_freed_memory() -> None:
 
 def convert(src, dst, *, step: int | None = None, dtype: str | None = None, mesh_hint: dict | None = None) -> dict:
   """Write the params of trainer checkpoint ``src`` (latest or ``step``) as a serve checkpoint at ``dst``."""
-  path = step_dir(src, step)
+  path, config_file = trainer.locate(src, step)
   check_tree(path)
-  cfg, _ = model_config_of(path)
+  cfg, experiment = model_config_of(path, config_file)
   cfg = cfg if dtype is None else dataclasses.replace(cfg, param_dtype=dtype)
-  serve_checkpoint.dtype_of(cfg.param_dtype)
+  serve.dtype_of(cfg.param_dtype)
   infos = params_lib.param_infos(cfg)
   reader = OrbaxParamReader(path)
   missing, extra = sorted(set(infos) - set(reader.leaves)), sorted(set(reader.leaves) - set(infos))
@@ -141,7 +114,7 @@ def convert(src, dst, *, step: int | None = None, dtype: str | None = None, mesh
     if reader.shape(name) != info.shape:
       raise ValueError(f"{path}: {name!r} has shape {reader.shape(name)}, its config says {info.shape}")
   source = {"kind": "train", "checkpoint": str(path.resolve()), "step": int(path.name)}
-  writer = serve_checkpoint.Writer(dst, cfg, mesh_hint=mesh_hint, extra={"source": source})
+  writer = serve.Writer(dst, cfg, mesh_hint=mesh_hint, extra={"source": source, "experiment": experiment})
   largest = 0
   for name, info in infos.items():
     array = reader.read(name)

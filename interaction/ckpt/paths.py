@@ -1,8 +1,12 @@
-"""Confinement of paths read from checkpoint or index metadata to their checkpoint directory."""
+"""Where checkpoints are: confinement of paths read from metadata to their checkpoint directory."""
 
 from __future__ import annotations
 
 import pathlib
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """The path holds nothing a loader knows how to read (or not the requested step)."""
 
 
 class UnsafePathError(ValueError):

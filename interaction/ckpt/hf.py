@@ -24,11 +24,12 @@ import pathlib
 
 import numpy as np
 
-from interaction import serve_checkpoint
+from interaction import config as config_lib
+from interaction.ckpt import params as params_lib
+from interaction.ckpt import serve
+from interaction.ckpt.paths import check_tree, confined
+from interaction.ckpt.safetensors_io import SafetensorsFile, SafetensorsWriter
 from interaction.config import ModelConfig
-from interaction.convert import params as params_lib
-from interaction.convert.paths import check_tree, confined
-from interaction.convert.safetensors_io import SafetensorsFile, SafetensorsWriter
 
 ARCHS = ("mixtral", "qwen3_moe")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -140,18 +141,13 @@ def backbone_fields(hf: dict, arch: str) -> dict:
   )
 
 
-def import_config(hf: dict, arch: str, experiment=None, *, param_dtype: str | None = None) -> ModelConfig:
-  """The full model: the backbone from ``hf``, streams and modality settings from ``experiment``."""
-  if experiment is None:
-    from experiments import tiny
-
-    experiment = tiny.get_config()
-  from interaction import config as config_lib
-
+def import_config(hf: dict, arch: str, experiment, *, param_dtype: str | None = None) -> ModelConfig:
+  """The full model: the backbone from ``hf``, streams and modality settings from ``experiment``
+  (an experiment config; ``launch.convert`` defaults to experiments/tiny.py)."""
+  fields = backbone_fields(hf, arch)
   base = config_lib.model_config(experiment)
   vocab = int(hf["vocab_size"])
   streams = tuple(dataclasses.replace(s, vocab_size=vocab) if s.kind == "text" else s for s in base.streams)
-  fields = backbone_fields(hf, arch)
   if param_dtype:
     fields["param_dtype"] = param_dtype
   return dataclasses.replace(base, streams=streams, **fields)
@@ -264,8 +260,12 @@ def _unused_error(unused: list[str]) -> UnsupportedSourceError:
   )
 
 
-def hf_to_interaction(src, dst, arch: str, *, experiment=None, param_dtype: str | None = None, seed: int = 0) -> dict:
-  """Convert an HF checkpoint directory into a serve checkpoint; returns a summary with the initialized names."""
+def hf_to_interaction(src, dst, arch: str, *, experiment, param_dtype: str | None = None, seed: int = 0) -> dict:
+  """Convert an HF checkpoint directory into a serve checkpoint; returns a summary with the initialized names.
+
+  ``experiment`` (an experiment config) gives the streams and modality settings; it is stored in the
+  manifest, so the converted model opens with its serving settings (``interaction.ckpt.open_model``).
+  """
   hf, where = open_source(src)
   cfg = import_config(hf, arch, experiment, param_dtype=param_dtype)
   tied = bool(hf.get("tie_word_embeddings", False)) and "lm_head.weight" not in where
@@ -282,8 +282,9 @@ def hf_to_interaction(src, dst, arch: str, *, experiment=None, param_dtype: str 
   extra = {
     "source": {"kind": "hf", "arch": arch, "hf_config": hf, "tied_embeddings": tied},
     "initialized": fresh,
+    "experiment": json.loads(experiment.to_json()),
   }
-  writer = serve_checkpoint.Writer(dst, cfg, extra=extra)
+  writer = serve.Writer(dst, cfg, extra=extra)
   for name, entries in table.items():
     info = infos[name]
     chunk = _chunk_shape(info.shape, len(entries))
@@ -363,14 +364,14 @@ def _check_tie(src, tied: bool) -> bool:
   """Keep the source's tie only if the unembedding is still exactly the table's transpose."""
   if not tied:
     return False
-  arrays = dict(serve_checkpoint.iter_arrays(src, ["text_table", "text_head/unembed"]))
+  arrays = dict(serve.iter_arrays(src, ["text_table", "text_head/unembed"]))
   return bool(np.array_equal(arrays["text_table"].T, arrays["text_head/unembed"]))
 
 
 def interaction_to_hf(src, dst, arch: str | None = None, *, max_shard_bytes: int = 5 << 30) -> dict:
   """Write the text backbone of serve checkpoint ``src`` as an HF checkpoint (config.json + safetensors)."""
-  manifest = serve_checkpoint.read_manifest(src)
-  cfg = serve_checkpoint.model_config(src)
+  manifest = serve.read_manifest(src)
+  cfg = serve.model_config(src)
   source = manifest.get("source") or {}
   if source.get("kind") == "hf":
     if arch not in (None, source.get("arch")):
@@ -387,7 +388,7 @@ def interaction_to_hf(src, dst, arch: str | None = None, *, max_shard_bytes: int
   if dst.exists() and any(dst.iterdir()):
     raise FileExistsError(f"{dst} exists and is not empty; choose a new --dst")
   dst.mkdir(parents=True, exist_ok=True)
-  dtype = serve_checkpoint.dtype_of(cfg.param_dtype)
+  dtype = serve.dtype_of(cfg.param_dtype)
   plan = [(en.hf_name, dtype, en.hf_shape) for entries in table.values() for en in entries]
   if cfg.tie_text_embedding:
     plan.append(("lm_head.weight", dtype, (cfg.text_vocab_size, cfg.d_model)))
@@ -408,7 +409,7 @@ def interaction_to_hf(src, dst, arch: str | None = None, *, max_shard_bytes: int
   for fname, items in zip(names, shards, strict=True):
     writers.append(SafetensorsWriter(dst / fname, items, metadata={"format": "pt"}))
     file_of.update({it[0]: writers[-1] for it in items})
-  for name, array in serve_checkpoint.iter_arrays(src, list(table)):
+  for name, array in serve.iter_arrays(src, list(table)):
     entries = table[name]
     chunks = array.reshape(len(entries), *_chunk_shape(array.shape, len(entries)))
     for en, c in zip(entries, chunks, strict=True):

@@ -46,7 +46,11 @@ def config_from_json(d: dict) -> ModelConfig:
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_state(cfg: ModelConfig):
+def abstract_model(cfg: ModelConfig):
+  """``(graphdef, State of ShapeDtypeStructs)`` of the model ``cfg`` describes; nothing is allocated.
+
+  Every parameter carries its logical axes as metadata. Cached per config: treat the result as read-only.
+  """
   return nnx.split(nnx.eval_shape(lambda: InteractionModel(cfg, rngs=nnx.Rngs(0))))
 
 
@@ -56,7 +60,7 @@ def name_of(path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _param_infos(cfg: ModelConfig) -> tuple:
-  _, state = _abstract_state(cfg)
+  _, state = abstract_model(cfg)
   out = []
   for path, var in nnx.to_flat_state(state):
     axes = tuple(var.get_metadata().get("axes") or (None,) * len(var.shape))
@@ -70,12 +74,12 @@ def param_infos(cfg: ModelConfig) -> dict[str, ParamInfo]:
 
 
 def graphdef(cfg: ModelConfig):
-  return _abstract_state(cfg)[0]
+  return abstract_model(cfg)[0]
 
 
 def unflatten(cfg: ModelConfig, flat: dict) -> dict:
   """Arrays by name -> the model's pure-dict tree (``nnx.merge(graphdef(cfg), tree)``)."""
-  _, state = _abstract_state(cfg)
+  _, state = abstract_model(cfg)
   pure = nnx.to_pure_dict(state)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
   names = [name_of(p) for p, _ in leaves]
