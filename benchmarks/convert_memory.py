@@ -43,8 +43,10 @@ def wide_config(ffn: int):
 def make_checkpoint(workdir: pathlib.Path, ffn: int) -> dict:
   import jax
 
-  from interaction import checkpoint, sharding, train
   from interaction import config as config_lib
+  from interaction import sharding
+  from interaction import train_step as train
+  from interaction.ckpt import trainer as checkpoint
 
   config = wide_config(ffn)
   cfg = config_lib.model_config(config)
@@ -90,7 +92,7 @@ def child(mode: str, src: str, dst: str) -> None:
   import jax
   import orbax.checkpoint as ocp  # noqa: F401
 
-  from interaction.convert import train_to_serve
+  from interaction.ckpt import train_to_serve
 
   jax.devices()
   if mode == "convert":
@@ -103,7 +105,7 @@ def child(mode: str, src: str, dst: str) -> None:
     print(json.dumps({"baseline": m.baseline, "peak": m.peak, "cold_baseline": cold.baseline, "cold_peak": cold.peak}))
     return
   else:
-    from interaction import checkpoint
+    from interaction.ckpt import trainer as checkpoint
 
     ckpt = checkpoint.Checkpointer(pathlib.Path(src) / "checkpoints")
     with PeakRSS() as m:

@@ -5,7 +5,7 @@ r"""Training throughput: tokens/s, step time and MFU of the jitted train step.
 Rows: the tiny config on 8 virtual CPU devices (data=2, expert=4) and on 1
 device, and a wider config (d_model 512, ffn scaled with it) where matmuls
 dominate. MFU is model FLOPs/s over this machine's measured float32 matmul peak
-(``interaction.metrics``). Random batches: this measures the step, not the data
+(``interaction.flops``). Random batches: this measures the step, not the data
 pipeline (see benchmarks/data_throughput.py). Prints a table, then one JSON line.
 """
 
@@ -22,7 +22,9 @@ import numpy as np  # noqa: E402
 
 from experiments import tiny  # noqa: E402
 from interaction import config as config_lib  # noqa: E402
-from interaction import layout, metrics, sharding, train  # noqa: E402
+from interaction import flops as metrics  # noqa: E402
+from interaction import layout, sharding  # noqa: E402
+from interaction import train_step as train  # noqa: E402
 
 
 def wide_config():

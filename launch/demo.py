@@ -26,8 +26,8 @@ def main(argv):
   del argv
   from data_pipeline import synthetic
   from data_pipeline.pipeline import make_pipeline
-  from interaction import trainer
   from interaction.ckpt import open_model
+  from launch import trainer
   from serving import evaluate, replay
 
   config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)

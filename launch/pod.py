@@ -20,7 +20,7 @@ import sys
 
 import yaml
 
-from interaction import jobspec
+from launch import jobspec
 
 
 def main(argv=None) -> int:

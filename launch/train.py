@@ -24,7 +24,8 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (log lines 
 
 def main(argv):
   del argv
-  from interaction import distributed, trainer
+  from interaction import distributed
+  from launch import trainer
 
   try:
     trainer.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value, progress=_PROGRESS.value)

@@ -14,8 +14,9 @@ from jax.sharding import SingleDeviceSharding
 
 from experiments import tiny
 from interaction import config as config_lib
-from interaction import sharding, train
+from interaction import sharding
 from interaction import step as step_lib
+from interaction import train_step as train
 from interaction.ckpt import params as params_lib
 from interaction.ckpt import serve as serve_checkpoint
 from interaction.ckpt import train_to_serve

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from interaction import config as config_lib
-from interaction import inspect
+from interaction import flops
 
 ROOT = pathlib.Path(__file__).parent.parent
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem != "__init__")
@@ -16,7 +16,7 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.st
 
 def test_tml_interaction_small_is_276b_total_12b_active():
   cfg = config_lib.model_config(importlib.import_module("experiments.tml_interaction_small").get_config())
-  counts = inspect.count_params(cfg)
+  counts = flops.count_params(cfg)
   print(f"\ntml_interaction_small: total {counts['total']:,}, active {counts['active']:,}")
   assert abs(counts["total"] / 276e9 - 1) <= 0.01
   assert abs(counts["active"] / 12e9 - 1) <= 0.03
@@ -24,7 +24,7 @@ def test_tml_interaction_small_is_276b_total_12b_active():
 
 def test_launch_inspect_prints_the_same_counts():
   cfg = config_lib.model_config(importlib.import_module("experiments.tml_interaction_small").get_config())
-  counts = inspect.count_params(cfg)
+  counts = flops.count_params(cfg)
   out = subprocess.run(
     [
       sys.executable,
@@ -49,7 +49,7 @@ def test_launch_inspect_prints_the_same_counts():
 def test_every_experiment_config_loads(name):
   config = importlib.import_module(f"experiments.{name}").get_config()
   cfg = config_lib.model_config(config)
-  assert inspect.count_params(cfg)["total"] > 0
+  assert flops.count_params(cfg)["total"] > 0
   assert config.data.window_turns > 0 and config.serve.cache_tokens >= cfg.attention_window
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from interaction import inspect, sharding
+from interaction import sharding
+from interaction.ckpt import abstract_model
 from interaction.model import InteractionModel
 from tests.helpers import loss_fn, random_batch, tiny_cfg
 
@@ -27,7 +28,7 @@ MESHES = {
 
 def spec_table(cfg, axes):
   mesh = jax.sharding.AbstractMesh(sharding.mesh_shape(axes, 8), sharding.MESH_AXES)
-  specs = sharding.param_specs(inspect.abstract_params(cfg), mesh)
+  specs = sharding.param_specs(abstract_model(cfg)[1], mesh)
   return {"/".join(map(str, path)): str(tuple(v.get_value())) for path, v in nnx.to_flat_state(specs)}
 
 

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from experiments import tml_interaction_small
-from interaction import aot, moe, sharding
+from interaction import moe, sharding
+from launch import aot
 from tests.helpers import tiny_cfg
 
 
@@ -94,7 +95,7 @@ def test_mesh_that_does_not_divide_the_slice_is_named(libtpu):
 
 def test_abstract_state_matches_the_allocated_one():
   from interaction import config as config_lib
-  from interaction import train
+  from interaction import train_step as train
 
   config = small_pod_config()
   config.train = tml_interaction_small.get_config().train

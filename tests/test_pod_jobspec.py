@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from interaction import jobspec
+from launch import jobspec
 
 CONFIG = "experiments/tml_interaction_small.py"
 

@@ -18,8 +18,10 @@ import pytest
 from data_pipeline import synthetic
 from experiments import tiny
 from interaction import config as config_lib
-from interaction import sharding, train, trainer
+from interaction import sharding
+from interaction import train_step as train
 from interaction.ckpt import trainer as checkpoint
+from launch import trainer
 from tests.helpers import random_batch
 
 ROOT = pathlib.Path(__file__).parent.parent

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from interaction import objective, sharding
+from interaction.ckpt.params import abstract_model
 from interaction.config import ModelConfig
 from interaction.model import InteractionModel
 
@@ -142,8 +143,7 @@ def create(cfg: ModelConfig, tc, mesh, seed: int = 0):
 
 def abstract_create(cfg: ModelConfig, tc, mesh):
   """Like ``create`` but nothing is allocated: the state is sharded ShapeDtypeStructs (for AOT compiles)."""
-  abstract = nnx.eval_shape(lambda: InteractionModel(cfg, rngs=nnx.Rngs(0)))
-  graphdef, abs_params = nnx.split(abstract)
+  graphdef, abs_params = abstract_model(cfg)
   param_sh = nnx.to_pure_dict(sharding.param_shardings(abs_params, mesh))
   params = nnx.to_pure_dict(abs_params)
   replicated = NamedSharding(mesh, P())

@@ -1,24 +1,27 @@
-"""The training job: data, sharded state, the jitted step, checkpoints, metrics.
+"""The training loop: data, sharded state, the jitted step, checkpoints, metrics.
 
 ``run(config, workdir)`` is what ``python -m launch.train`` calls. It resumes
 from the newest committed checkpoint in ``workdir`` (train state and data
-iterator state together), so an interrupted run continues exactly.
+iterator state together), so an interrupted run continues exactly. The step
+itself is ``interaction.train_step``.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
+from data_pipeline import synthetic
+from data_pipeline.pipeline import make_pipeline
 from interaction import config as config_lib
-from interaction import distributed, metrics, objective, sharding, train
+from interaction import distributed, flops, objective, sharding, train_step
 from interaction.ckpt import trainer as checkpoint
+from launch.train_log import MetricsWriter, Progress, log
 
 # How processes split the data: "records" (each reads its own records, batch_size / processes windows
 # per step; scales) or "whole" (each reads the global batch and keeps its rows: the same batches as a
@@ -30,17 +33,11 @@ class NonFiniteError(RuntimeError):
   """Too many non-finite steps in a row."""
 
 
-def log(msg: str) -> None:
-  print(msg, flush=True)
-
-
 def prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
   """The dataset directory; with none configured, the embedded synthetic tasks in the workdir.
 
   Process 0 generates them (the workdir is shared) while the others wait at a barrier.
   """
-  from data_pipeline import synthetic
-
   if config.data.get("dir"):
     data_dir = pathlib.Path(config.data.dir)
     if not (data_dir / "manifest.json").exists():
@@ -62,8 +59,6 @@ def prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
 
 def pipeline(config, data_dir, **kwargs):
   """``make_pipeline`` split across processes per ``data.process_sharding``; returns ``(iterator, whole)``."""
-  from data_pipeline.pipeline import make_pipeline
-
   mode, n = config.data.get("process_sharding", "records"), jax.process_count()
   if mode not in PROCESS_SHARDING:
     raise ValueError(f"data.process_sharding must be one of {PROCESS_SHARDING}, got {mode!r}")
@@ -90,7 +85,7 @@ def make_eval_loss(graphdef, cfg, tc, mesh):
     )
     return {k: v for k, v in losses.items() if k != "expert_load"}
 
-  jitted = jax.jit(f, in_shardings=(None, train.batch_sharding(mesh)))
+  jitted = jax.jit(f, in_shardings=(None, train_step.batch_sharding(mesh)))
 
   def run(params, batch):
     with jax.set_mesh(mesh):
@@ -110,7 +105,9 @@ def evaluate(config, data_dir, params, eval_loss, cfg, mesh, max_batches: int | 
     w = float(np.sum(batch["turn_mask"])) if whole else float(distributed.process_sum(np.sum(batch["turn_mask"])))
     if w == 0:
       continue
-    out = jax.device_get(eval_loss(params, train.global_batch(train.model_batch(cfg, batch), mesh, whole=whole)))
+    out = jax.device_get(
+      eval_loss(params, train_step.global_batch(train_step.model_batch(cfg, batch), mesh, whole=whole))
+    )
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v) * w
     weight += w
@@ -119,14 +116,14 @@ def evaluate(config, data_dir, params, eval_loss, cfg, mesh, max_batches: int | 
 
 
 def restore_or_init(config, cfg, tc, mesh, ckpt: checkpoint.Checkpointer, resume: bool):
-  graphdef, state, shardings = train.create(cfg, tc, mesh, seed=tc.seed)
+  graphdef, state, shardings = train_step.create(cfg, tc, mesh, seed=tc.seed)
   step = ckpt.latest_step() if resume else None
   if step is None:
     return graphdef, state, shardings, None, 0
-  target = train.abstract_state(jax.eval_shape(lambda s: s, state), shardings)
+  target = train_step.abstract_state(jax.eval_shape(lambda s: s, state), shardings)
   restored, data_state, _ = ckpt.restore(step, target._asdict())
   log(f"resumed from step {step} ({ckpt.directory})")
-  return graphdef, train.TrainState(**restored), shardings, data_state, step
+  return graphdef, train_step.TrainState(**restored), shardings, data_state, step
 
 
 def run(config, workdir, *, resume: bool = True, progress: bool = True) -> dict:
@@ -151,7 +148,7 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   distributed.barrier("workdir")
   cfg, tc = config_lib.model_config(config), config.train
   mesh = sharding.make_mesh(dict(config.mesh))
-  train.check_batch_size(config.data.batch_size, mesh)
+  train_step.check_batch_size(config.data.batch_size, mesh)
   if main:
     (workdir / "config.json").write_text(config.to_json(indent=1))
   data_dir = prepare_data(config, workdir)
@@ -160,26 +157,26 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   it, whole = pipeline(config, data_dir, split="train")
   if data_state:
     it.set_state(data_state)
-  step_fn = train.make_train_step(graphdef, cfg, tc, mesh, shardings)
-  writer = metrics.MetricsWriter(workdir, enabled=main)
+  step_fn = train_step.make_train_step(graphdef, cfg, tc, mesh, shardings)
+  writer = MetricsWriter(workdir, enabled=main)
   # Measured on this process's first device; only process 0 reports MFU.
-  peak = metrics.measure_matmul_peak() if main else float("nan")
-  window_flops = metrics.train_flops_per_window(cfg, config.data.window_turns)
+  peak = flops.measure_matmul_peak() if main else float("nan")
+  window_flops = flops.train_flops_per_window(cfg, config.data.window_turns)
   tokens_per_batch = config.data.batch_size * config.data.window_turns * sum(s.slots for s in cfg.streams)
   meta = {"config": json.loads(config.to_json()), "mesh": dict(mesh.shape)}
   log(
     f"process {jax.process_index()}/{jax.process_count()}: mesh {dict(mesh.shape)}; "
     f"matmul peak {peak / 1e9:.1f} GFLOP/s; training steps {start}..{tc.steps}"
   )
-  bar = _progress(start, tc.steps, progress and main)
+  bar = Progress(start, tc.steps, progress and main)
   last_losses, t_last, steps_since, preempted = {}, time.perf_counter(), 0, False
   check_every = max(int(tc.get("preemption_check_every", 1)), 1)
   nan_steps = frozenset(tc.get("inject_nan_steps", ()))
   for step in range(start, tc.steps):
-    batch = train.model_batch(cfg, next(it))
+    batch = train_step.model_batch(cfg, next(it))
     if step in nan_steps:
       batch = dict(batch, audio_out=np.full_like(batch["audio_out"], np.nan))
-    state, m = step_fn(state, train.global_batch(batch, mesh, whole=whole))
+    state, m = step_fn(state, train_step.global_batch(batch, mesh, whole=whole))
     steps_since += 1
     done = step + 1
     if done % tc.log_every == 0 or done == tc.steps:
@@ -242,30 +239,3 @@ def _close(writer, ckpt, it) -> None:
   writer.close()
   ckpt.close()
   it.close()
-
-
-class _progress:
-  """A tqdm bar with loss and tokens/s, or plain log lines when stdout is not a terminal."""
-
-  def __init__(self, start, total, enabled):
-    self.enabled, self.tty = enabled, sys.stdout.isatty()
-    self.bar = None
-    if enabled and self.tty:
-      from tqdm import tqdm
-
-      self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-    self.pos, self.t0, self.start, self.total = start, time.perf_counter(), start, total
-
-  def update(self, step, loss, tokens_per_sec):
-    if self.bar is not None:
-      self.bar.update(step - self.pos)
-      self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
-    elif self.enabled:
-      rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-      eta = (self.total - step) / max(rate, 1e-9)
-      log(f"step {step}/{self.total} loss {loss:.4f} tokens/s {tokens_per_sec:,.0f} eta {eta:.0f}s")
-    self.pos = step
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from interaction import aot
+from launch.topology import parse_topology
 
 GKE_ACCELERATORS = {"v5p": "tpu-v5p-slice", "v6e": "tpu-v6e-slice"}
 COORDINATOR_PORT = 8476
@@ -41,7 +41,7 @@ def jobset(
   queue: str | None = None,
 ) -> dict:
   """A JobSet with one Job of one pod per TPU host, shaped like the ones xpk creates."""
-  topo = aot.parse_topology(topology)
+  topo = parse_topology(topology)
   check_name(name)
   env = [
     {"name": "INTERACTION_COORDINATOR", "value": "auto"},
