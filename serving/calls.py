@@ -6,7 +6,9 @@ A ``Call`` is one tool call or one delegation to the background model. Workers
 here blocks a tick except an explicit ``hold_ticks`` (the evaluator's simulated
 latency, which makes arrival ticks deterministic).
 
-``MarkerParser`` finds the calls in a session's ``text_out`` token stream.
+``TextOutDecoder`` is the one marker-aware reading of a session's ``text_out``:
+what the model says and the calls it makes; ``MarkerParser`` is the engine's
+view of it (the calls only).
 """
 
 from __future__ import annotations
@@ -105,25 +107,63 @@ class Call:
       return np.concatenate(ids)
 
 
-class MarkerParser:
-  """Finds ``<tool>..</tool>`` and ``<delegate>..</delegate>`` requests in a stream of text_out tokens."""
+_STARTS = {start: kind for kind, (start, _, _, _) in MARKERS.items()}
+_ENDS = {end: kind for kind, (_, end, _, _) in MARKERS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextOut:
+  """What a stretch of ``text_out`` holds."""
+
+  spoken: bytes  # the bytes outside marker pairs, in order (UTF-8, possibly split mid-character)
+  breaks: tuple[int, ...]  # offsets into ``spoken`` where a marker stood: a word ends there
+  calls: tuple[tuple[str, str], ...]  # (kind, request text) of every call closed in the stretch
+
+
+class TextOutDecoder:
+  """Reads ``text_out`` token by token, across ticks; the state carries over between ``decode`` calls.
+
+  Two rules, as the data lays calls out:
+
+  - speech: bytes outside marker pairs; any start marker (``<tool>``, ``<delegate>``) opens a pair and
+    any end marker closes it;
+  - calls: a start marker opens a request of its kind (abandoning an unfinished one), its own end marker
+    closes it; a request longer than ``MAX_CALL_BYTES`` is abandoned (bounds memory on a runaway call).
+
+  They differ only on streams the data never holds (an end marker of the other kind closes the speech
+  gap but not the request).
+  """
 
   def __init__(self):
-    self.kind: str | None = None
+    self.inside = False  # between a start and an end marker: bytes are not speech
+    self.kind: str | None = None  # the kind of the request being read
     self.buf = bytearray()
+
+  def decode(self, tokens) -> TextOut:
+    spoken, breaks, calls = bytearray(), [], []
+    for tok in np.asarray(tokens).reshape(-1).tolist():
+      if tok < text.NUM_BYTES:
+        if not self.inside:
+          spoken.append(tok)
+        if self.kind is not None:
+          self.buf.append(tok)
+          if len(self.buf) > MAX_CALL_BYTES:
+            self.kind = None
+      elif tok in _STARTS:
+        self.inside, self.kind, self.buf = True, _STARTS[tok], bytearray()
+        breaks.append(len(spoken))
+      elif tok in _ENDS:
+        self.inside = False
+        breaks.append(len(spoken))
+        if self.kind == _ENDS[tok]:
+          calls.append((self.kind, self.buf.decode("utf-8", errors="replace")))
+          self.kind = None
+    return TextOut(bytes(spoken), tuple(breaks), tuple(calls))
+
+
+class MarkerParser(TextOutDecoder):
+  """Finds ``<tool>..</tool>`` and ``<delegate>..</delegate>`` requests in a stream of text_out tokens."""
 
   def feed(self, tokens) -> list[tuple[str, str]]:
     """(kind, request text) of every call closed by ``tokens``."""
-    done = []
-    for tok in np.asarray(tokens).reshape(-1).tolist():
-      for kind, (start, end, _, _) in MARKERS.items():
-        if tok == start:  # a new start abandons an unfinished call
-          self.kind, self.buf = kind, bytearray()
-        elif tok == end and self.kind == kind:
-          done.append((kind, self.buf.decode("utf-8", errors="replace")))
-          self.kind = None
-      if self.kind is not None and tok < text.NUM_BYTES:
-        self.buf.append(tok)
-        if len(self.buf) > MAX_CALL_BYTES:
-          self.kind = None
-    return done
+    return list(self.decode(tokens).calls)
