@@ -1,0 +1,133 @@
+"""The live server's media work: the one text_out decoder, speech and voicing, video decode."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline import featurize
+from interaction import text
+from serving import calls, media, protocol
+
+STARTS = (text.TOOL_CALL_START, text.DELEGATE_START)
+ENDS = (text.TOOL_CALL_END, text.DELEGATE_END)
+
+
+def reference_speech(tokens) -> bytes:
+  """Speech as the data lays it out: bytes outside marker pairs (any start opens, any end closes)."""
+  said, inside = bytearray(), False
+  for tok in tokens:
+    if tok in STARTS:
+      inside = True
+    elif tok in ENDS:
+      inside = False
+    elif tok < text.NUM_BYTES and not inside:
+      said.append(tok)
+  return bytes(said)
+
+
+def reference_calls(tokens) -> list:
+  """Calls: a start opens a request of its kind, its own end closes it, a runaway request is dropped."""
+  done, kind, buf = [], None, bytearray()
+  pairs = {"tool": (text.TOOL_CALL_START, text.TOOL_CALL_END), "background": (text.DELEGATE_START, text.DELEGATE_END)}
+  for tok in tokens:
+    for k, (start, end) in pairs.items():
+      if tok == start:
+        kind, buf = k, bytearray()
+      elif tok == end and kind == k:
+        done.append((k, buf.decode("utf-8", errors="replace")))
+        kind = None
+    if kind is not None and tok < text.NUM_BYTES:
+      buf.append(tok)
+      if len(buf) > calls.MAX_CALL_BYTES:
+        kind = None
+  return done
+
+
+def random_text_out(rng, n: int) -> list[int]:
+  """Bytes, silence, every special, well- and ill-formed marker pairs, runaway calls."""
+  out = []
+  while len(out) < n:
+    r = rng.random()
+    if r < 0.5:
+      out += list(rng.integers(0, 256, int(rng.integers(1, 12))))
+    elif r < 0.7:
+      out += [text.PAD] * int(rng.integers(1, 6))
+    elif r < 0.95:
+      out.append(int(rng.integers(text.NUM_BYTES, text.VOCAB_SIZE)))
+    else:
+      out += [int(rng.choice(STARTS)), *([ord("x")] * int(rng.integers(400, 700)))]
+  return [int(t) for t in out]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_decoder_streamed_in_ticks_equals_the_reference_rules(seed):
+  rng = np.random.default_rng(seed)
+  tokens = random_text_out(rng, 20_000)
+  assert set(tokens) >= {*STARTS, *ENDS}
+  decoder, parser = calls.TextOutDecoder(), calls.MarkerParser()
+  spoken, found, fed, breaks = bytearray(), [], [], 0
+  cuts = np.sort(rng.integers(0, len(tokens), 400))
+  for lo, hi in zip([0, *cuts], [*cuts, len(tokens)], strict=True):  # ticks of any length, empty ones included
+    chunk = np.asarray(tokens[lo:hi], np.int32)
+    out = decoder.decode(chunk)
+    assert all(0 <= b <= len(out.spoken) for b in out.breaks)
+    spoken += out.spoken
+    found += out.calls
+    breaks += len(out.breaks)
+    fed += parser.feed(chunk)
+  assert bytes(spoken) == reference_speech(tokens)
+  assert found == fed == reference_calls(tokens)
+  assert found and breaks == sum(t in STARTS or t in ENDS for t in tokens)
+
+
+def test_speech_and_calls_of_a_well_formed_stream():
+  tokens = [*text.encode("hi "), text.PAD, text.TOOL_CALL_START, *text.encode("add(2,3)"), text.TOOL_CALL_END]
+  tokens += [text.TOOL_RESULT_START, *text.encode("5"), text.TOOL_RESULT_END, *text.encode("it is 5")]
+  out = calls.TextOutDecoder().decode(tokens)
+  assert out.spoken == b"hi 5it is 5"  # result markers are text_in's: outside a call pair their bytes are speech
+  assert out.calls == (("tool", "add(2,3)"),) and out.breaks == (3, 3)
+
+
+def test_a_character_split_across_ticks_is_said_whole():
+  state = media.SessionMedia()
+  word = "héllo wörld".encode()
+  said = [state.said(np.asarray(list(word[i : i + 2]), np.int32)) for i in range(0, len(word), 2)]
+  assert "".join(said) == "héllo wörld" and "\ufffd" not in "".join(said)
+
+
+def test_the_model_speaks_when_two_frames_are_voiced():
+  silent = np.full((3, 5, 8), -11.5, np.float32)
+  one, two = silent.copy(), silent.copy()
+  one[1, 2, 3] = 0.0
+  two[2, [0, 4], 1] = media.SPEECH_LEVEL + 0.01
+  assert media.speaking(silent).tolist() == [False] * 3
+  assert media.speaking(one).tolist() == [False] * 3
+  assert media.speaking(two).tolist() == [False, False, True]
+  at_level = silent.copy()
+  at_level[0, :, 0] = media.SPEECH_LEVEL  # not above it
+  assert not media.speaking(at_level)[0]
+
+
+def test_user_speech_energy_threshold():
+  assert not media.user_speaking(np.zeros(3200, np.int16))
+  assert not media.user_speaking(np.zeros(0, np.int16))
+  assert media.user_speaking(np.full(3200, 400, np.int16))  # -38 dBFS
+  assert not media.user_speaking(np.full(3200, 300, np.int16))  # -40.8 dBFS
+
+
+def test_video_frames_decode_to_the_model_frame():
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (30, 50, 3), np.uint8)
+  raw = bytes([0x32, 0, 0x1E, 0]) + rgb.tobytes()
+  got = media.decode_video(protocol.RAW, raw, (40, 40))
+  np.testing.assert_array_equal(got, featurize.resize(rgb[None], (40, 40))[0])
+  buf = io.BytesIO()
+  Image.fromarray(np.full((120, 160, 3), 200, np.uint8)).save(buf, format="JPEG")
+  jpeg = media.decode_video(protocol.JPEG, buf.getvalue(), (40, 40))
+  assert jpeg.shape == (40, 40, 3) and jpeg.dtype == np.uint8 and abs(int(jpeg.mean()) - 200) <= 2
+  for kind, payload in [(protocol.JPEG, b"\xff\xd8\xff\xe0junk"), (protocol.RAW, raw[:-1])]:
+    with pytest.raises(protocol.ClientError) as e:
+      media.decode_video(kind, payload, (40, 40))
+    assert e.value.code == "bad_video"
