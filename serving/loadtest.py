@@ -59,12 +59,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 
 from data_pipeline import wav
+from serving import protocol
+from serving.protocol import AUDIO, JPEG, SAMPLE_RATE, SAMPLES_PER_TICK, TICK_S, TOKEN_ENV
 
-TOKEN_ENV = "INTERACTION_SERVER_TOKEN"  # as serving.server (not imported: it pulls in jax)
-AUDIO, JPEG = 0x01, 0x02
-SAMPLE_RATE = 16_000
-TICK_S = 0.2
-SAMPLES_PER_TICK = round(SAMPLE_RATE * TICK_S)
 SLOW_RCVBUF = 4096  # bytes (Linux doubles it): the slow client's kernel holds little of the backlog
 STATS_POLL_S = 0.25
 LATE_EPSILON_S = 1e-6  # a frame is late when it comes more than this after its due time (float round-off)
@@ -266,7 +263,7 @@ def _headers(token: str) -> dict:
 
 def stats_url(url: str) -> str:
   parts = urllib.parse.urlsplit(url)
-  return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}/v1/stats"
+  return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}{protocol.STATS_PATH}"
 
 
 def fetch_stats(url: str, token: str, timeout: float = 5.0) -> dict:
@@ -312,8 +309,8 @@ def _refusal(e: BaseException) -> str | None:
   if isinstance(e, InvalidStatus):
     body = (e.response.body or b"").decode("utf-8", "replace").strip()
     return f"{e.response.status_code} {body}".strip()
-  if isinstance(e, ConnectionClosed) and e.rcvd is not None and e.rcvd.code == 1013:
-    return f"1013 {e.rcvd.reason}".strip()
+  if isinstance(e, ConnectionClosed) and e.rcvd is not None and e.rcvd.code == protocol.CLOSE_FULL:
+    return f"{protocol.CLOSE_FULL} {e.rcvd.reason}".strip()
   return None
 
 
@@ -660,7 +657,9 @@ class LoadTest:
     for c in self.clients:
       if not c.connected:
         continue
-      expected = (c.slow and c.close_code == 1008) or (c.ended_by_client and c.close_code == 1000)
+      expected = (c.slow and c.close_code == protocol.CLOSE_POLICY) or (
+        c.ended_by_client and c.close_code == protocol.CLOSE_ENDED
+      )
       unexpected += not expected
       closes[(c.close_code, c.close_reason or "", expected)] += 1
     ticks = [c.ticks for c in normal if c.connected]
@@ -812,7 +811,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     epilog="Protocol: serving/PROTOCOL.md. Exit status: 0 when every session connected, ran and ended cleanly, else 1.",
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  p.add_argument("--url", default="ws://127.0.0.1:8000/v1/session", help="session URL (default: %(default)s)")
+  p.add_argument(
+    "--url", default=f"ws://127.0.0.1:8000{protocol.SESSION_PATH}", help="session URL (default: %(default)s)"
+  )
   p.add_argument("--token", help=f"access token (default: ${TOKEN_ENV})")
   p.add_argument("--sessions", type=int, default=4, help="concurrent clients (default: %(default)s)")
   p.add_argument("--duration", type=float, default=10.0, help="seconds each client streams (default: %(default)s)")

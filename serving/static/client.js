@@ -21,9 +21,13 @@ const QUERY = new URLSearchParams(location.search);
 const TOKEN = QUERY.get("token") || "";
 const TOKEN_QUERY = "?token=" + encodeURIComponent(TOKEN);
 
+// The protocol's constants, as serving/protocol.py defines them (tests/test_serving_protocol.py keeps them equal).
+const PROTOCOL_VERSION = 1;
+const SESSION_PATH = "/v1/session";
 const KIND_AUDIO = 0x01;
 const KIND_JPEG = 0x02;
 const SAMPLE_RATE = 16000; // the protocol's audio rate, both ways
+const ENCODING = "pcm16";
 const SEND_SAMPLES = 800; // 50 ms of microphone audio per frame
 const VIDEO_FPS = 5;
 const VIDEO_WIDTH = 160;
@@ -420,7 +424,7 @@ class LiveSession {
 
     setStatus("connecting...", "busy");
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(`${scheme}//${location.host}/v1/session${TOKEN_QUERY}`);
+    const ws = new WebSocket(`${scheme}//${location.host}${SESSION_PATH}${TOKEN_QUERY}`);
     ws.binaryType = "arraybuffer";
     ws.onmessage = (e) => this.onMessage(e.data);
     ws.onclose = (e) => this.onClose(e);
@@ -526,8 +530,12 @@ class LiveSession {
   onStarted(event) {
     stats.session = event.session;
     this.live = true;
+    if (event.protocol !== PROTOCOL_VERSION) {
+      const versions = `the server speaks protocol ${event.protocol}, this page ${PROTOCOL_VERSION}`;
+      addItem(ui.errors, `${versions}: reload the page`, "error");
+    }
     // Say what we send (the server refuses anything but 16 kHz PCM16 with an error event), and the sampling asked for.
-    const update = { type: "session.update", audio: { sample_rate: SAMPLE_RATE, encoding: "pcm16" } };
+    const update = { type: "session.update", audio: { sample_rate: SAMPLE_RATE, encoding: ENCODING } };
     const sampling = samplingFromQuery();
     if (Object.keys(sampling).length) update.sampling = sampling;
     this.ws.send(JSON.stringify(update));
@@ -649,7 +657,7 @@ function samplingFromQuery() {
 // A plain GET carries no Origin header, so when it passes, the Origin check is what refused the upgrade.
 async function refusal() {
   try {
-    const response = await fetch("/v1/session" + TOKEN_QUERY, { cache: "no-store" });
+    const response = await fetch(SESSION_PATH + TOKEN_QUERY, { cache: "no-store" });
     if (response.status === 401 || response.status === 503) {
       return ` (${response.status}: ${(await response.text()).trim().slice(0, 200)})`;
     }
