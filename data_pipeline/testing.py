@@ -6,13 +6,12 @@ import numpy as np
 
 from data_pipeline import record
 from data_pipeline.record import SAMPLE_RATE
+from interaction.testing import experiment_config
 
 
 def tiny_config(window_turns: int | None = None, batch_size: int | None = None, seed: int | None = None):
-  """experiments/tiny.py's config, with data fields overridden."""
-  from experiments import tiny
-
-  c = tiny.get_config()
+  """The tiny experiment config (``interaction.testing``, equal to experiments/tiny.py's), data fields overridden."""
+  c = experiment_config()
   if window_turns is not None:
     c.data.window_turns = window_turns
   if batch_size is not None:
