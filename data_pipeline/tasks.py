@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from data_pipeline.record import SAMPLE_RATE, SAMPLES_PER_TURN
-from data_pipeline.synthetic import (
+from data_pipeline.script import (
   COLOURS,
   DIGITS,
   FILLER,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import audio, featurize, record, synthetic
-from data_pipeline.synthetic import CUE, DIGITS, TASKS, TRANSLATION, VOCAB, WORD_ID
+from data_pipeline.script import CUE, DIGITS, TASKS, TRANSLATION, VOCAB, WORD_ID, word_sound
 from data_pipeline.testing import tiny_config
 from interaction import config as config_lib
 from interaction import text
@@ -45,7 +45,7 @@ def test_thousands_of_conversations_per_minute():
 def test_every_word_sounds_different():
   spec = next(s for s in specs() if s.kind == "audio")
   cfg = audio.mel_config(spec)
-  sig = np.stack([audio.log_mel(cfg, synthetic.word_sound(w))[1:-1].mean(0) for w in VOCAB])
+  sig = np.stack([audio.log_mel(cfg, word_sound(w))[1:-1].mean(0) for w in VOCAB])
   d = np.linalg.norm(sig[:, None] - sig[None], axis=-1) + np.eye(len(VOCAB)) * 1e9
   assert d.min() > 3.0
 
