@@ -28,7 +28,7 @@ def main(argv):
   from data_pipeline.pipeline import make_pipeline
   from interaction.ckpt import open_model
   from launch import trainer
-  from serving import evaluate, replay
+  from serving.eval import evaluate, replay
 
   config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
   summary = trainer.run(config, workdir)
@@ -53,7 +53,7 @@ def main(argv):
   print("free-running evaluation: held-out conversations streamed through the sessions engine in simulated real time")
   evaluate.run(workdir, data_dir, slots=32, output_dir=workdir / "eval")
   print(f"report and timeline PNGs: {workdir / 'eval'}")
-  print(f"talk to it live (browser client at the printed URL): python -m serving.server --checkpoint {workdir}")
+  print(f"talk to it live (browser client at the printed URL): python -m launch.serve --checkpoint {workdir}")
 
 
 if __name__ == "__main__":

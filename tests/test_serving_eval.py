@@ -9,7 +9,8 @@ from flax import nnx
 from data_pipeline import synthetic
 from interaction import ckpt
 from interaction.ckpt import trainer as checkpoint
-from serving import evaluate, metrics
+from launch import evaluate as evaluate_job
+from serving.eval import evaluate, scores
 from tests.helpers import make_model, save_checkpoint
 
 
@@ -40,7 +41,7 @@ def test_metrics_pass_every_target_on_the_recorded_behaviour(data_dir, tmp_path)
   workdir = save_checkpoint(tmp_path)
   report = evaluate.run(workdir, data_dir, oracle=True, output_dir=tmp_path / "out", timelines=False)
   assert report["all_targets_pass"], report["targets_failed"]
-  assert set(metrics.TARGETS) <= set(report["figures"])
+  assert set(scores.TARGETS) <= set(report["figures"])
   for name in ("tool/call_correct", "tool/answer_correct", "delegation/answer_correct", "time/accuracy"):
     assert report["figures"][name]["value"] == 1.0
 
@@ -49,27 +50,27 @@ def test_streamed_evaluation_writes_report_and_timelines_and_gates_on_targets(da
   workdir = save_checkpoint(tmp_path)
   out = tmp_path / "out"
   args = ["--checkpoint", str(workdir), "--data", str(data_dir), "--slots", "4", "--output", str(out)]
-  code = evaluate.main([*args, "--max-conversations", "7", "--require-targets"])
+  code = evaluate_job.main([*args, "--max-conversations", "7", "--require-targets"])
   report = json.loads((out / "report.json").read_text())
   printed = capsys.readouterr().out
   assert code == 1 and not report["all_targets_pass"]  # random parameters cannot take turns
-  for name, (op, target) in metrics.TARGETS.items():
+  for name, (op, target) in scores.TARGETS.items():
     fig = report["figures"][name]
     assert fig["target"] == target and fig["op"] == op and isinstance(fig["pass"], bool)
     assert name in printed
   assert sum(report["conversations"].values()) == 7
   assert sorted(p.name for p in out.glob("timeline-*.png")) == sorted(f"timeline-{t}.png" for t in synthetic.TASKS)
-  assert evaluate.main([*args, "--oracle"]) == 0
+  assert evaluate_job.main([*args, "--oracle"]) == 0
 
 
 def test_evaluation_cli_names_a_missing_checkpoint_or_dataset_in_one_line(data_dir, tmp_path):
   workdir = save_checkpoint(tmp_path)
   with pytest.raises(SystemExit, match=r"^error: .*nowhere: no such directory\n.*--checkpoint workdir/demo"):
-    evaluate.main(["--checkpoint", str(tmp_path / "nowhere"), "--data", str(data_dir)])
+    evaluate_job.main(["--checkpoint", str(tmp_path / "nowhere"), "--data", str(data_dir)])
   with pytest.raises(SystemExit, match=r"^error: .*no manifest"):
-    evaluate.main(["--checkpoint", str(workdir), "--data", str(tmp_path)])
+    evaluate_job.main(["--checkpoint", str(workdir), "--data", str(tmp_path)])
   with pytest.raises(SystemExit, match="--slots must be >= 1"):
-    evaluate.main(["--checkpoint", str(workdir), "--data", str(data_dir), "--slots", "0"])
+    evaluate_job.main(["--checkpoint", str(workdir), "--data", str(data_dir), "--slots", "0"])
 
 
 def test_spoken_words_skip_call_contents():
@@ -78,7 +79,7 @@ def test_spoken_words_skip_call_contents():
   ids = [*text.encode("let me"), text.TOOL_CALL_START, *text.encode("add(1,2)"), text.TOOL_CALL_END]
   ids += [*text.encode(" check three ")]
   ids += [text.PAD] * (-len(ids) % 4)
-  words = metrics.spoken_words(np.array(ids).reshape(-1, 4))
+  words = scores.spoken_words(np.array(ids).reshape(-1, 4))
   assert [w for _, w in words] == ["let", "me", "check", "three"]
   assert words[0][0] == 0 and words[-1][0] == 23 // 4  # "three" starts at byte 23
 
@@ -86,7 +87,7 @@ def test_spoken_words_skip_call_contents():
 def test_replay_scores_first_windows_and_leaves_continuations_out():
   from experiments import tiny
   from interaction import config as config_lib
-  from serving import replay
+  from serving.eval import replay
   from tests.helpers import SMALL_MODEL, random_batch
 
   config = tiny.get_config()

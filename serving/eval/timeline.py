@@ -12,12 +12,12 @@ import pathlib
 
 import numpy as np
 
-from data_pipeline import synthetic
+from data_pipeline import script
 from interaction.layout import MICRO_TURN_SECONDS
-from serving import metrics
+from serving.eval import scores
 
 
-def plot(tr: metrics.Transcript, path, title: str = "") -> pathlib.Path:
+def plot(tr: scores.Transcript, path, title: str = "") -> pathlib.Path:
   import matplotlib
 
   matplotlib.use("Agg")  # files only; no display
@@ -28,16 +28,16 @@ def plot(tr: metrics.Transcript, path, title: str = "") -> pathlib.Path:
   rows = [
     ("user speaks", tr.labels["user_speaking"] > 0, "tab:blue"),
     ("model (reference)", tr.labels["model_speaking"] > 0, "tab:gray"),
-    ("model (streamed)", metrics.model_active(tr), "tab:orange"),
+    ("model (streamed)", scores.model_active(tr), "tab:orange"),
   ]
   fig, ax = plt.subplots(figsize=(max(8.0, n * 0.12), 3.2))
   for y, (_, on, colour) in enumerate(reversed(rows)):
     ax.broken_barh([(t[i], MICRO_TURN_SECONDS) for i in np.flatnonzero(on)], (y + 0.1, 0.8), color=colour)
-  for turn, word in metrics.spoken_words(tr.text_out):
+  for turn, word in scores.spoken_words(tr.text_out):
     ax.text(turn * MICRO_TURN_SECONDS, 0.5, _printable(word), fontsize=6, va="center", rotation=45)
   for turn in np.flatnonzero(tr.labels["cue"] > 0):
     ax.axvline(turn * MICRO_TURN_SECONDS, color="tab:red", lw=0.8, ls="--")
-    ax.text(turn * MICRO_TURN_SECONDS, len(rows) + 0.05, synthetic.CUES[tr.labels["cue"][turn]], fontsize=6)
+    ax.text(turn * MICRO_TURN_SECONDS, len(rows) + 0.05, script.CUES[tr.labels["cue"][turn]], fontsize=6)
   for call in tr.calls:
     end = call.first_tick if call.first_tick is not None else n
     ax.broken_barh(

@@ -1,38 +1,37 @@
-r"""Evaluation job: stream held-out conversations through the engine and score interaction behaviour.
+"""The evaluation: stream held-out conversations through the engine and score interaction behaviour.
 
-  python -m serving.evaluate --checkpoint /tmp/wd2 --data /tmp/wd2/data [--slots 32] [--output DIR]
-                             [--require-targets] [--temperature 0] [--max-conversations N]
-
+``run(checkpoint, data_dir, slots, output_dir)`` is what ``python -m launch.evaluate`` calls.
 Each conversation joins the engine as a session and receives its user audio,
 video and user text one 200 ms micro-turn per tick (no look-ahead); everything
 it says is its own (free running, nothing teacher-forced). Tool calls run in
 the tool runtime (built-in calculator) and delegations in the background
 worker; their results reach the model only through the runtime. Tool and
-background results are held for ``--tool-latency`` / ``--background-latency``
+background results are held for ``TOOL_LATENCY_TICKS`` / ``BACKGROUND_LATENCY_TICKS``
 ticks, a simulated latency in the range the training data shows, which also
 makes arrival ticks deterministic.
 
 Writes ``report.json`` (every figure; those with a target carry value, target
-and pass), ``timeline-<task>.png`` for one conversation per task, and prints a
-table. ``--require-targets`` exits 1 when any target fails. ``--oracle`` scores
-the recorded model streams instead (the data's own behaviour: a check that the
-metrics and targets are attainable).
+and pass) and ``timeline-<task>.png`` for one conversation per task, and prints
+a table. ``oracle=True`` scores the recorded model streams instead (the data's
+own behaviour: a check that the scores and targets are attainable).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
-import sys
 import time
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
 
-from data_pipeline import featurize, record, shards, synthetic
+from data_pipeline import featurize, record, script, shards
 from interaction.ckpt import open_model
-from serving import metrics
+from serving.background import ArithmeticBackground, BackgroundWorker
 from serving.calls import MarkerParser
+from serving.engine import Engine, Sampling
+from serving.eval import scores, timeline
+from serving.tools import ToolRuntime
 
 TOOL_LATENCY_TICKS = 3
 BACKGROUND_LATENCY_TICKS = 6
@@ -40,8 +39,6 @@ BACKGROUND_LATENCY_TICKS = 6
 
 def read_conversations(data_dir, split: str = "eval", limit: int | None = None) -> list[record.Conversation]:
   """Decoded conversations of a split, checksums verified."""
-  from array_record.python.array_record_module import ArrayRecordReader
-
   data_dir = pathlib.Path(data_dir)
   out = []
   for shard in shards.read_split(data_dir, split):
@@ -70,7 +67,7 @@ def ref_calls(conv: record.Conversation) -> dict:
   return {kinds[e.kind]: e.text for e in conv.events if e.kind in kinds}
 
 
-def oracle_transcript(cfg, conv, feats) -> metrics.Transcript:
+def oracle_transcript(cfg, conv, feats) -> scores.Transcript:
   """The recorded model streams as a transcript (calls parsed from text_out, results from the cues)."""
   text_out = next(s.name for s in cfg.streams if s.kind == "text" and s.direction == "out")
   audio_out = next(s.name for s in cfg.streams if s.kind == "audio" and s.direction == "out")
@@ -80,9 +77,9 @@ def oracle_transcript(cfg, conv, feats) -> metrics.Transcript:
   for t, row in enumerate(feats[text_out]):
     for kind, request in parser.feed(row):
       name = "tool_result" if kind == "tool" else "background_result"
-      arrived = np.flatnonzero((cue == synthetic.CUE[name]) & (np.arange(len(cue)) > t))
-      calls.append(metrics.CallRecord(kind, request, t, int(arrived[0]) if len(arrived) else None))
-  return metrics.Transcript(
+      arrived = np.flatnonzero((cue == script.CUE[name]) & (np.arange(len(cue)) > t))
+      calls.append(scores.CallRecord(kind, request, t, int(arrived[0]) if len(arrived) else None))
+  return scores.Transcript(
     conv.meta.get("task", ""),
     feats["labels"],
     feats[text_out],
@@ -93,10 +90,8 @@ def oracle_transcript(cfg, conv, feats) -> metrics.Transcript:
   )
 
 
-def stream_through_engine(engine, cfg, convs, sampling, progress: bool = True) -> list[metrics.Transcript]:
+def stream_through_engine(engine, cfg, convs, sampling, progress: bool = True) -> list[scores.Transcript]:
   """Run every conversation as a session; sessions join as slots free up, leave at their last turn."""
-  from serving.engine import Sampling
-
   in_names = [s.name for s in cfg.streams if s.direction == "in"]
   text_in = next(s.name for s in cfg.streams if s.kind == "text" and s.direction == "in")
   queue = list(range(len(convs)))
@@ -128,11 +123,11 @@ def stream_through_engine(engine, cfg, convs, sampling, progress: bool = True) -
   return [done[i] for i in range(len(convs))]
 
 
-def _transcript(cfg, conv, feats, outs, session) -> metrics.Transcript:
+def _transcript(cfg, conv, feats, outs, session) -> scores.Transcript:
   names = {(s.kind, s.direction): s.name for s in cfg.streams}
   stack = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
-  calls = [metrics.CallRecord(c.kind, c.request, c.tick, c.first_tick, c.result, c.error) for c in session.calls]
-  return metrics.Transcript(
+  calls = [scores.CallRecord(c.kind, c.request, c.tick, c.first_tick, c.result, c.error) for c in session.calls]
+  return scores.Transcript(
     conv.meta.get("task", ""),
     feats["labels"],
     stack[names["text", "out"]],
@@ -144,12 +139,12 @@ def _transcript(cfg, conv, feats, outs, session) -> metrics.Transcript:
 
 
 def build_report(transcripts, info: dict) -> dict:
-  tally = metrics.Tally()
+  tally = scores.Tally()
   per_task = {}
   for tr in transcripts:
-    metrics.score(tr, tally)
+    scores.score(tr, tally)
     per_task[tr.task] = per_task.get(tr.task, 0) + 1
-  figures = metrics.with_targets(tally.figures())
+  figures = scores.with_targets(tally.figures())
   failed = sorted(k for k, f in figures.items() if f.get("pass") is False)
   return dict(info, conversations=per_task, figures=figures, targets_failed=failed, all_targets_pass=not failed)
 
@@ -182,10 +177,6 @@ def run(
   progress: bool = True,
 ) -> dict:
   """Evaluate ``checkpoint`` on the eval split of ``data_dir``; print the table, return the report."""
-  from serving.background import ArithmeticBackground, BackgroundWorker
-  from serving.engine import Engine, Sampling
-  from serving.tools import ToolRuntime
-
   loaded = open_model(checkpoint)
   convs = read_conversations(data_dir, limit=max_conversations)
   if not convs:
@@ -209,51 +200,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     if timelines:
-      from serving import timeline
-
       report["timelines"] = [str(p) for p in timeline.plot_one_per_task(transcripts, out)]
       (out / "report.json").write_text(json.dumps(report, indent=1))
   print(format_table(report), flush=True)
   return report
-
-
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True, help="trainer workdir, checkpoints directory or one step")
-  p.add_argument("--data", required=True, help="dataset directory with manifest.json and an eval split")
-  p.add_argument("--slots", type=int, default=32, help="engine slots (sessions streamed at once)")
-  p.add_argument("--output", help="directory for report.json and timeline PNGs")
-  p.add_argument("--require-targets", action="store_true", help="exit 1 when any figure misses its target")
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--max-conversations", type=int)
-  p.add_argument("--oracle", action="store_true", help="score the recorded model streams (checks the metrics)")
-  args = p.parse_args(argv)
-  if args.slots < 1:
-    raise SystemExit(f"error: --slots must be >= 1, got {args.slots}")
-  try:
-    report = run(
-      args.checkpoint,
-      args.data,
-      args.slots,
-      args.output,
-      temperature=args.temperature,
-      top_p=args.top_p,
-      seed=args.seed,
-      max_conversations=args.max_conversations,
-      oracle=args.oracle,
-    )
-  except (FileNotFoundError, shards.ManifestError) as e:  # CheckpointNotFoundError included
-    raise SystemExit(
-      f"error: {e}\n(--checkpoint takes a trainer workdir, --data a dataset directory; after make demo: "
-      "--checkpoint workdir/demo --data workdir/demo/data)"
-    ) from None
-  if args.require_targets and not report["all_targets_pass"]:
-    print(f"--require-targets: {len(report['targets_failed'])} target(s) failed", file=sys.stderr)
-    return 1
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

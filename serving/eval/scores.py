@@ -33,7 +33,7 @@ import difflib
 
 import numpy as np
 
-from data_pipeline import synthetic
+from data_pipeline import script
 from interaction import text
 from interaction.layout import MICRO_TURN_SECONDS
 
@@ -136,7 +136,7 @@ def model_active(tr: Transcript) -> np.ndarray:
 
 
 def _cues(tr: Transcript, name: str) -> np.ndarray:
-  return np.flatnonzero(tr.labels["cue"] == synthetic.CUE[name])
+  return np.flatnonzero(tr.labels["cue"] == script.CUE[name])
 
 
 def onsets(active) -> list[int]:
@@ -150,7 +150,7 @@ def _words_after(tr: Transcript, turn: int, spoken=None) -> list[str]:
 
 def _ref_words_after(tr: Transcript, turn: int) -> list[str]:
   ids = tr.labels["model_word"]
-  return [synthetic.VOCAB[i] for i in ids[turn + 1 :] if i >= 0]
+  return [script.VOCAB[i] for i in ids[turn + 1 :] if i >= 0]
 
 
 class Tally:
@@ -212,7 +212,7 @@ def _score_visual(tr: Transcript, active, tally: Tally) -> None:
     if hits:
       tally.add("visual/latency_s", (hits[0] - o) * MICRO_TURN_SECONDS)
       said = [w for t, w in spoken if o <= t <= o + REACT_TURNS + 3]
-      ref = [synthetic.VOCAB[i] for i in tr.labels["model_word"][o:] if i >= 0][:3]
+      ref = [script.VOCAB[i] for i in tr.labels["model_word"][o:] if i >= 0][:3]
       tally.add("visual/content_accuracy", all(w in said for w in ref))
   for t in starts:
     tally.add("visual/precision", any(o <= t <= o + REACT_TURNS for o in objects))
@@ -220,7 +220,7 @@ def _score_visual(tr: Transcript, active, tally: Tally) -> None:
 
 def _score_translation(tr: Transcript, tally: Tally) -> None:
   sources = _cues(tr, "source_word")
-  ref_words = [(t, synthetic.VOCAB[i]) for t, i in enumerate(tr.labels["model_word"]) if i >= 0]
+  ref_words = [(t, script.VOCAB[i]) for t, i in enumerate(tr.labels["model_word"]) if i >= 0]
   got = spoken_words(tr.text_out)
   matcher = difflib.SequenceMatcher(a=[w for _, w in ref_words], b=[w for _, w in got], autojunk=False)
   matched = 0
