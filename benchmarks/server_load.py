@@ -50,10 +50,9 @@ START_TIMEOUT_S = 600.0
 
 
 def make_checkpoint(directory: pathlib.Path) -> pathlib.Path:
-  """A tiny-config workdir of random parameters (tests/helpers.py's builder)."""
+  """A tiny-config workdir of random parameters (``interaction.testing``'s fixture)."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, str(ROOT))
-  from tests.helpers import save_checkpoint
+  from interaction.testing import save_checkpoint  # here: the load tool itself runs without jax
 
   return save_checkpoint(directory, small_cfg_config=False)
 
@@ -161,46 +160,35 @@ def serving_checks(rows: list, phase: str, r: dict) -> None:
   check(rows, f"{phase}: underruns", r["underruns"], "0", r["underruns"] == 0)
 
 
-async def bench(args, token: str, server: Server) -> dict:
-  url = server.wait_ready(START_TIMEOUT_S)
-  print(f"server ready at {url} ({args.sessions} slots)", flush=True)
-  speech, source = await asyncio.to_thread(loadtest.load_speech, None, print)
-  n, d = args.sessions, args.duration
+async def ab_pairs(
+  pairs: int, options, duration: float, speech, source, url: str, token: str, a: dict, b: dict
+) -> dict:
+  """p99 tick and tick - step of A (no slow client) and B (one) over interleaved short runs, A and B first.
 
-  def options(**kw) -> loadtest.Options:
-    return loadtest.Options(url=url, token=token, **{"duration": d, "progress": 10.0, **kw})
-
-  print(f"\n-- phase A: {n} sessions x {d:g} s, one more at {d / 2:g} s", flush=True)
-  a = await loadtest.run(options(sessions=n, extra_session_at=d / 2), speech, source)
-  print(loadtest.format_table(a), flush=True)
-  await wait_idle(url, token)
-
-  print(f"\n-- phase B: {n - 1} sessions + 1 that stops reading, {d:g} s", flush=True)
-  b = await loadtest.run(options(sessions=n, slow_clients=1), speech, source)
-  print(loadtest.format_table(b), flush=True)
-  await wait_idle(url, token)
-  capped = sum("closing with 1008: client too slow" in line for line in server.lines)
-
-  # The B/A ratio compares separate runs, so machine drift between them counts too: interleave more
-  # short A/B pairs and compare the medians of their p99s.
-  a_p99s, b_p99s = [a["tick_ms"]["p99"]], [b["tick_ms"]["p99"]]
-  a_over, b_over = [a["overhead_ms"]["p99"]], [b["overhead_ms"]["p99"]]
-  for i in range(args.pairs):
-    for name, slow_clients, p99s in (("A", 0, a_p99s), ("B", 1, b_p99s)):
-      r = await loadtest.run(
-        options(sessions=n, slow_clients=slow_clients, duration=d / 3, progress=0.0), speech, source
-      )
-      p99s.append(r["tick_ms"]["p99"])
-      (a_over if name == "A" else b_over).append(r["overhead_ms"]["p99"])
-      print(f"   pair {i + 1} {name}: tick p99 {p99s[-1]} ms", flush=True)
+  The B/A ratio compares separate runs, so machine drift between them counts too: interleaving more
+  short A/B pairs and comparing the medians of their p99s cancels most of it.
+  """
+  got = {"a": [a["tick_ms"]["p99"]], "b": [b["tick_ms"]["p99"]]}
+  over = {"a": [a["overhead_ms"]["p99"]], "b": [b["overhead_ms"]["p99"]]}
+  for i in range(pairs):
+    for name, slow_clients in (("a", 0), ("b", 1)):
+      r = await loadtest.run(options(slow_clients=slow_clients, duration=duration / 3, progress=0.0), speech, source)
+      got[name].append(r["tick_ms"]["p99"])
+      over[name].append(r["overhead_ms"]["p99"])
+      print(f"   pair {i + 1} {name.upper()}: tick p99 {got[name][-1]} ms", flush=True)
       await wait_idle(url, token)
+  return {"p99": got, "overhead": over}
 
-  k = min(DRAIN_SESSIONS, n)
-  print(f"\n-- phase C: SIGTERM during {k} live sessions", flush=True)
-  c_options = options(sessions=k, duration=10 * EXIT_S, server_stats=False)  # the server is gone at the end
-  c_report, c = await drain_phase(server, c_options, speech, source)
-  print(loadtest.format_table(c_report), flush=True)
 
+def ratio_check(rows: list, name: str, a: list, b: list) -> float | None:
+  am, bm = statistics.median(a), statistics.median(b)
+  ratio = round(bm / am, 3) if am and bm else None
+  check(rows, name, ratio, f"< {P99_RATIO:g}", ratio is not None and ratio < P99_RATIO)
+  return ratio
+
+
+def verdicts(n: int, k: int, a: dict, b: dict, c: dict, capped: int, pairs: dict) -> tuple[list, dict]:
+  """(the PASS/FAIL rows, the ratios) of the three phases."""
   rows = []
   check(rows, "A: sessions connected", f"{a['connected']}/{n}", f"{n}/{n}", a["connected"] == n)
   serving_checks(rows, "A", a)
@@ -224,39 +212,54 @@ async def bench(args, token: str, server: Server) -> dict:
     "1008 too slow",
     client_1008 or capped >= 1,
   )
-  am, bm = statistics.median(a_p99s), statistics.median(b_p99s)
-  ratio = round(bm / am, 3) if am and bm else None
-  check(
-    rows,
-    f"B/A: median p99 tick ratio ({len(a_p99s)} pairs)",
-    ratio,
-    f"< {P99_RATIO:g}",
-    ratio is not None and ratio < P99_RATIO,
-  )
+  p99, over = pairs["p99"], pairs["overhead"]
+  ratio = ratio_check(rows, f"B/A: median p99 tick ratio ({len(p99['a'])} pairs)", p99["a"], p99["b"])
   # The step is the same computation whatever the clients do, so a change in it is the machine (the
   # clients share its 2 CPUs); the server's own work around the step is what a slow client could change.
-  ao, bo = statistics.median(a_over), statistics.median(b_over)
-  over_ratio = round(bo / ao, 3) if ao and bo else None
-  check(
-    rows,
-    "B/A: median p99 of tick - step (server work)",
-    over_ratio,
-    f"< {P99_RATIO:g}",
-    over_ratio is not None and over_ratio < P99_RATIO,
-  )
+  over_ratio = ratio_check(rows, "B/A: median p99 of tick - step (server work)", over["a"], over["b"])
   serving_checks(rows, "B", b)
   check(rows, "C: exit code", c["exit_code"], "0", c["exit_code"] == 0)
   check(rows, "C: seconds to exit", c["exit_s"], f"< {EXIT_S:g}", c["exit_s"] < EXIT_S)
   got = f"{c['closed_1001_with_reason']}/{c['live_at_sigterm']}"
   check(rows, "C: clients closed 1001 + reason", got, f"{k}/{k}", c["closed_1001_with_reason"] == k)
+  return rows, {"ratio": ratio, "over_ratio": over_ratio, "slow": slow}
+
+
+async def bench(args, token: str, server: Server) -> dict:
+  url = server.wait_ready(START_TIMEOUT_S)
+  print(f"server ready at {url} ({args.sessions} slots)", flush=True)
+  speech, source = await asyncio.to_thread(loadtest.load_speech, None, print)
+  n, d = args.sessions, args.duration
+
+  def options(**kw) -> loadtest.Options:
+    return loadtest.Options(url=url, token=token, **{"sessions": n, "duration": d, "progress": 10.0, **kw})
+
+  print(f"\n-- phase A: {n} sessions x {d:g} s, one more at {d / 2:g} s", flush=True)
+  a = await loadtest.run(options(extra_session_at=d / 2), speech, source)
+  print(loadtest.format_table(a), flush=True)
+  await wait_idle(url, token)
+
+  print(f"\n-- phase B: {n - 1} sessions + 1 that stops reading, {d:g} s", flush=True)
+  b = await loadtest.run(options(slow_clients=1), speech, source)
+  print(loadtest.format_table(b), flush=True)
+  await wait_idle(url, token)
+  capped = sum("closing with 1008: client too slow" in line for line in server.lines)
+  pairs = await ab_pairs(args.pairs, options, d, speech, source, url, token, a, b)
+
+  k = min(DRAIN_SESSIONS, n)
+  print(f"\n-- phase C: SIGTERM during {k} live sessions", flush=True)
+  c_options = options(sessions=k, duration=10 * EXIT_S, server_stats=False)  # the server is gone at the end
+  c_report, c = await drain_phase(server, c_options, speech, source)
+  print(loadtest.format_table(c_report), flush=True)
+  rows, v = verdicts(n, k, a, b, c, capped, pairs)
   return {
     "phase_a": {**phase_summary(a), "extra_session": a["extra_session"]},
-    "phase_b": {**phase_summary(b), "slow_client": slow, "server_log_1008_closes": capped},
+    "phase_b": {**phase_summary(b), "slow_client": v["slow"], "server_log_1008_closes": capped},
     "phase_c": {**c, "sessions": k, "errors": c_report["errors"]},
-    "p99_ratio_b_over_a": ratio,
-    "pair_p99_ms": {"a": a_p99s, "b": b_p99s},
-    "pair_overhead_p99_ms": {"a": a_over, "b": b_over},
-    "overhead_p99_ratio_b_over_a": over_ratio,
+    "p99_ratio_b_over_a": v["ratio"],
+    "pair_p99_ms": pairs["p99"],
+    "pair_overhead_p99_ms": pairs["overhead"],
+    "overhead_p99_ratio_b_over_a": v["over_ratio"],
     "checks": rows,
   }
 
