@@ -1,6 +1,9 @@
 """The live server's media work: the one text_out decoder, speech and voicing, video decode."""
 
 import io
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -131,3 +134,11 @@ def test_video_frames_decode_to_the_model_frame():
     with pytest.raises(protocol.ClientError) as e:
       media.decode_video(kind, payload, (40, 40))
     assert e.value.code == "bad_video"
+
+
+def test_the_server_imports_no_evaluation_code():
+  """The live server decides voicing and reads text_out itself: evaluation (serving.eval) is not loaded."""
+  code = "import sys, serving.server; print(sorted(m for m in sys.modules if m.startswith('serving.eval')))"
+  root = pathlib.Path(__file__).parent.parent
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True, timeout=300)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr
