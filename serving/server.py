@@ -415,7 +415,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--token-file", help=f"file holding the access token (else ${TOKEN_ENV}, else one is generated)")
   p.add_argument("--allowed-origin", action="append", default=[], help="browser Origin allowed to connect (repeat)")
   for f in dataclasses.fields(Limits):
-    p.add_argument(f.metadata["flag"], dest=f.name, type=type(f.default), default=f.default, help=f.metadata["help"])
+    flag = f.metadata["flag"]
+    metavar = flag.lstrip("-").replace("-", "_").upper()
+    p.add_argument(flag, dest=f.name, metavar=metavar, type=type(f.default), default=f.default, help=f.metadata["help"])
   p.add_argument("--vocoder-iters", type=int, default=4, help="Griffin-Lim iterations per tick of model speech")
   return p.parse_args(argv)
 
