@@ -4,7 +4,10 @@ import dataclasses
 import functools
 import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,12 +17,18 @@ from flax import nnx
 torch = pytest.importorskip("torch", reason="golden logits need PyTorch (pip install torch==2.13.0, CPU wheel)")
 transformers = pytest.importorskip("transformers", reason="golden logits need transformers to build the reference")
 
+from data_pipeline import synthetic  # noqa: E402
 from experiments import tiny  # noqa: E402
+from interaction import ckpt  # noqa: E402
 from interaction.ckpt import hf as hf_lib  # noqa: E402
 from interaction.ckpt import params as params_lib  # noqa: E402
 from interaction.ckpt import serve as serve_checkpoint  # noqa: E402
 from interaction.ckpt.paths import UnsafePathError  # noqa: E402
 from interaction.ckpt.safetensors_io import SafetensorsFile  # noqa: E402
+from launch import evaluate as evaluate_job  # noqa: E402
+from serving.eval import scores  # noqa: E402
+
+ROOT = pathlib.Path(__file__).parent.parent
 
 VOCAB = 300
 EXPERIMENT = tiny.get_config()  # streams and modality settings of the imported models
@@ -194,3 +203,36 @@ def test_pickle_weights_and_escaping_paths_are_refused(hf_model, tmp_path):
   finally:
     os.unlink(d / "hf" / "model.safetensors")
     shutil.move(outside / "model.safetensors", d / "hf" / "model.safetensors")
+
+
+def test_the_imported_model_opens_and_the_evaluation_job_runs_on_it(tmp_path):
+  """What ``launch.convert hf-to-interaction`` writes is a model ``open_model`` and the evaluation job open."""
+  torch.manual_seed(0)
+  # A 512-token attention window: the step's cache must hold the whole window, and 512 keeps the ticks cheap.
+  transformers.Qwen3MoeForCausalLM(qwen3(norm_topk_prob=True, max_position_embeddings=512)).save_pretrained(
+    tmp_path / "hf"
+  )
+  cmd = ["hf-to-interaction", "--src", tmp_path / "hf", "--dst", tmp_path / "ours", "--arch", "qwen3_moe"]
+  out = subprocess.run(
+    [sys.executable, "-m", "launch.convert", *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  loaded = ckpt.open_model(tmp_path / "ours")
+  assert loaded.layout == "serve" and loaded.step == 0 and loaded.cfg.text_vocab_size == VOCAB
+  assert loaded.cfg == serve_checkpoint.model_config(tmp_path / "ours") and loaded.cfg.attention_window == 512
+  assert loaded.cache_tokens == EXPERIMENT.serve.cache_tokens == 512  # the experiment's serving settings came along
+  want = params_lib.flatten(serve_checkpoint.load(tmp_path / "ours"))
+  got = params_lib.flatten(jax.device_get(loaded.params))
+  assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+  data = tmp_path / "data"
+  synthetic.generate(data, "eval", len(synthetic.TASKS), seed=11)
+  args = ["--checkpoint", tmp_path / "ours", "--data", data, "--slots", "7", "--max-conversations", "7"]
+  assert evaluate_job.main([*map(str, args), "--output", str(tmp_path / "eval")]) == 0
+  report = json.loads((tmp_path / "eval" / "report.json").read_text())
+  assert sum(report["conversations"].values()) == 7 and set(scores.TARGETS) <= set(report["figures"])
+
+  # A source window longer than the experiment's cache: the stored serving cache covers the window.
+  transformers.Qwen3MoeForCausalLM(qwen3(max_position_embeddings=2048)).save_pretrained(tmp_path / "hf_long")
+  hf_lib.hf_to_interaction(tmp_path / "hf_long", tmp_path / "long", "qwen3_moe", experiment=EXPERIMENT)
+  assert ckpt.open_model(tmp_path / "long").cache_tokens == 2048

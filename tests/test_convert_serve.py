@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from jax.sharding import SingleDeviceSharding
 
+from data_pipeline import synthetic
 from experiments import tiny
+from interaction import ckpt, sharding
 from interaction import config as config_lib
-from interaction import sharding
 from interaction import step as step_lib
 from interaction import train_step as train
 from interaction.ckpt import params as params_lib
@@ -22,6 +23,7 @@ from interaction.ckpt import serve as serve_checkpoint
 from interaction.ckpt import train_to_serve
 from interaction.ckpt import trainer as checkpoint
 from interaction.ckpt.paths import UnsafePathError
+from launch import evaluate as evaluate_job
 from tests.helpers import random_batch
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -194,3 +196,42 @@ def test_trainer_checkpoint_with_a_symlink_out_is_refused(trained, tmp_path):
     train_to_serve.convert(src, tmp_path / "out")
   out = convert_cli("train-to-serve", "--src", src, "--dst", tmp_path / "out2")
   assert out.returncode == 2 and "UnsafePathError" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+  d = tmp_path_factory.mktemp("eval_data")
+  synthetic.generate(d, "eval", len(synthetic.TASKS), seed=11)
+  return d
+
+
+def evaluate_cli(checkpoint, data, out) -> dict:
+  args = ["--checkpoint", str(checkpoint), "--data", str(data), "--slots", "7", "--max-conversations", "7"]
+  assert evaluate_job.main([*args, "--output", str(out)]) == 0
+  return json.loads((out / "report.json").read_text())
+
+
+def test_open_model_reads_both_layouts_alike_and_the_evaluation_job_runs_on_the_serve_layout(
+  trained, eval_data, tmp_path
+):
+  cfg, _, restored, workdir = trained
+  out = convert_cli("train-to-serve", "--src", workdir, "--dst", tmp_path / "serve")
+  assert out.returncode == 0, out.stderr[-2000:]
+  from_trainer, from_serve = ckpt.open_model(workdir), ckpt.open_model(tmp_path / "serve")
+  assert (from_trainer.layout, from_serve.layout) == ("trainer", "serve")
+  assert from_trainer.step == from_serve.step == 7 and from_trainer.cfg == from_serve.cfg == cfg
+  assert from_serve.config.to_dict() == from_trainer.config.to_dict()  # the experiment config travels along
+  assert from_serve.cache_tokens == from_trainer.cache_tokens == tiny.get_config().serve.cache_tokens
+  want = checkpoint.tree_digest(restored)
+  assert checkpoint.tree_digest(from_serve.params) == checkpoint.tree_digest(from_trainer.params) == want
+  mesh = sharding.make_mesh({"data": 1, "expert": 2}, jax.devices()[:2])
+  gate = ckpt.open_model(tmp_path / "serve", mesh=mesh).params["moe"]["blocks"]["ffn"]["gate"]
+  assert gate.sharding.spec[1] == "expert" and set(gate.sharding.device_set) == set(jax.devices()[:2])
+  with pytest.raises(ckpt.CheckpointNotFoundError, match="serve checkpoint of step 7, not the requested step 3"):
+    ckpt.open_model(tmp_path / "serve", step=3)
+
+  # Same parameters and experiment config, so the free-running evaluation is identical figure for figure.
+  served = evaluate_cli(tmp_path / "serve", eval_data, tmp_path / "eval_serve")
+  trained_report = evaluate_cli(workdir, eval_data, tmp_path / "eval_trainer")
+  assert sum(served["conversations"].values()) == 7 and served["checkpoint"] == str(tmp_path / "serve")
+  assert served["figures"] == trained_report["figures"]

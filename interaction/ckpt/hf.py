@@ -260,6 +260,17 @@ def _unused_error(unused: list[str]) -> UnsupportedSourceError:
   )
 
 
+def serving_experiment(experiment, cfg: ModelConfig) -> dict:
+  """The experiment config stored with an imported model: the experiment's streams, data and serving
+  settings, without its ``model`` section (the manifest's model config is the model), and a serving
+  cache at least the imported attention window (the step refuses a shorter one)."""
+  out = json.loads(experiment.to_json())
+  out.pop("model", None)
+  serve_section = out.setdefault("serve", {})
+  serve_section["cache_tokens"] = max(int(serve_section.get("cache_tokens", 0)), cfg.attention_window)
+  return out
+
+
 def hf_to_interaction(src, dst, arch: str, *, experiment, param_dtype: str | None = None, seed: int = 0) -> dict:
   """Convert an HF checkpoint directory into a serve checkpoint; returns a summary with the initialized names.
 
@@ -282,7 +293,7 @@ def hf_to_interaction(src, dst, arch: str, *, experiment, param_dtype: str | Non
   extra = {
     "source": {"kind": "hf", "arch": arch, "hf_config": hf, "tied_embeddings": tied},
     "initialized": fresh,
-    "experiment": json.loads(experiment.to_json()),
+    "experiment": serving_experiment(experiment, cfg),
   }
   writer = serve.Writer(dst, cfg, extra=extra)
   for name, entries in table.items():
