@@ -152,19 +152,7 @@ def report(config, topology: str, job: str = "train", mesh_axes: dict | None = N
       raise
     compiled, error = None, str(e).splitlines()[0]
   compile_s = time.perf_counter() - t
-  if compiled is not None:
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
-    alias, temp, code = mem.alias_size_in_bytes, mem.temp_size_in_bytes, mem.generated_code_size_in_bytes
-    xla_flops = float(cost.get("flops", 0.0))
-    bytes_accessed = float(cost.get("bytes accessed", 0.0))
-  else:  # the compiler refused: arguments from the input shardings, temporaries from its message
-    args = sum(_shard_bytes(x) for x in jax.tree.leaves(inputs))
-    out = alias = code = 0
-    temp = _oom_temporaries(error)
-    xla_flops = bytes_accessed = 0.0
+  args, out, alias, temp, code, xla_flops, bytes_accessed = _analysis(compiled, inputs, error)
   total = args + out - alias + temp + code
   model_flops = model_flops_per_chip(config, job, topo.chips)
   cfg = config_lib.model_config(config)
@@ -211,6 +199,25 @@ def report(config, topology: str, job: str = "train", mesh_axes: dict | None = N
     "compile_s": compile_s,
     "compile_error": error,
   }
+
+
+def _analysis(compiled, inputs, error: str | None) -> tuple:
+  """Per-chip (arguments, outputs, aliased, temporaries, code) bytes and XLA's (flops, bytes accessed)."""
+  if compiled is None:  # the compiler refused: arguments from the input shardings, temporaries from its message
+    args = sum(_shard_bytes(x) for x in jax.tree.leaves(inputs))
+    return args, 0, 0, _oom_temporaries(error), 0, 0.0, 0.0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  return (
+    mem.argument_size_in_bytes,
+    mem.output_size_in_bytes,
+    mem.alias_size_in_bytes,
+    mem.temp_size_in_bytes,
+    mem.generated_code_size_in_bytes,
+    float(cost.get("flops", 0.0)),
+    float(cost.get("bytes accessed", 0.0)),
+  )
 
 
 def _shard_bytes(x) -> int:

@@ -47,10 +47,14 @@ COMMANDS = {"synthetic": synthetic_main, "convert": lambda argv: convert.main(ar
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  if not argv or argv[0] not in COMMANDS:
-    print(__doc__.strip().split("\n\n")[0] + "\n\n" + __doc__.strip().split("\n\n")[1], file=sys.stderr)
-    return 0 if argv and argv[0] in ("-h", "--help") else 2
-  return COMMANDS[argv[0]](argv[1:])
+  if argv and argv[0] in COMMANDS:
+    return COMMANDS[argv[0]](argv[1:])
+  usage = "\n\n".join(__doc__.strip().split("\n\n")[:2])
+  if argv and argv[0] in ("-h", "--help"):
+    print(usage)
+    return 0
+  print(f"{usage}\n\nerror: give a command: {' or '.join(COMMANDS)} (then --help for its flags)", file=sys.stderr)
+  return 2
 
 
 if __name__ == "__main__":

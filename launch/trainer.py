@@ -215,15 +215,21 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   eval_losses = evaluate(config, data_dir, state.params, make_eval_loss(graphdef, cfg, tc, mesh), cfg, mesh)
   writer.write(tc.steps, {f"eval/{k}": v for k, v in eval_losses.items()})
   _close(writer, ckpt, it)
+  summary = _summary(state, last_losses, eval_losses)
+  distributed.barrier("finished")
+  return summary
+
+
+def _summary(state, train_losses: dict, eval_losses: dict) -> dict:
+  """The run's last line: final step, skipped steps, the parameters' SHA-256, the last train and eval losses."""
   summary = {
     "step": int(state.step),
     "skipped": int(state.skipped),
     "params_sha256": checkpoint.tree_digest(jax.tree.map(distributed.host_value, state.params)),
-    "train": last_losses,
+    "train": train_losses,
     "eval": eval_losses,
   }
   log("summary " + json.dumps(summary))
-  distributed.barrier("finished")
   return summary
 
 

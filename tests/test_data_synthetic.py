@@ -147,3 +147,17 @@ def test_a_mix_repeats_tasks_by_weight_and_bad_mixes_are_named():
     synthetic.mixed_tasks({"barge_in": 1.5})
   with pytest.raises(ValueError, match="every task weight 0"):
     synthetic.mixed_tasks(dict.fromkeys(TASKS, 0))
+
+
+def test_launch_data_synthetic_writes_what_the_generator_writes(tmp_path, capsys):
+  from launch import data
+
+  assert data.main(["synthetic", "--output", str(tmp_path / "cli"), "--train", "3", "--eval", "4", "--seed", "5"]) == 0
+  assert "wrote 7 conversations" in capsys.readouterr().out
+  synthetic.generate(tmp_path / "lib", "train", 3, seed=5, progress=False)
+  synthetic.generate(tmp_path / "lib", "eval", 4, seed=6, progress=False)
+  files = sorted(p.name for p in (tmp_path / "lib").glob("*.array_record"))
+  assert files == sorted(p.name for p in (tmp_path / "cli").glob("*.array_record")) and len(files) == 2
+  for name in files:
+    assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes()
+  assert data.main(["nonsense"]) == 2
