@@ -126,6 +126,33 @@ def _video_window(spec, conv: record.Conversation, first: int, n: int) -> np.nda
   return out
 
 
+HEARD_UNKNOWN = -1  # ``heard`` slots of a conversation without word timings: no listening target
+
+
+def heard_text(spec: layout.StreamSpec, conv: record.Conversation, first: int, n: int) -> np.ndarray:
+  """int32 [n, spec.slots]: the bytes of the words the user said, on the input audio stream's frames.
+
+  A listening target, never an input: each word's bytes (and a space) are laid out from the first
+  frame that has heard the whole word (frame ``i`` ends at sample ``(i + 1) * hop``), queueing
+  behind the word before; PAD elsewhere. ``HEARD_UNKNOWN`` everywhere when the record has no word
+  timings (``meta["user_words"]``).
+  """
+  words = conv.meta.get("user_words")
+  if words is None:
+    return np.full((n, spec.slots), HEARD_UNKNOWN, np.int32)
+  hop = record.SAMPLES_PER_TURN // spec.slots
+  total = max(conv.num_turns, first + n) * spec.slots
+  out = np.full(total, text.PAD, np.int32)
+  cursor = 0
+  for _, end, word in sorted(words, key=lambda w: w[1]):
+    toks = text.encode(str(word) + " ")
+    pos = max(cursor, -(-int(round(end * record.SAMPLE_RATE)) // hop) - 1)
+    k = max(0, min(len(toks), total - pos))
+    out[pos : pos + k] = toks[:k]
+    cursor = pos + len(toks)
+  return out.reshape(-1, spec.slots)[first : first + n]
+
+
 def window(specs: Sequence[layout.StreamSpec], conv: record.Conversation, first: int, n: int) -> dict:
   """Features of micro-turns [first, first + n) of ``conv``: streams, first_turn, turn_mask, labels.
 
@@ -138,6 +165,8 @@ def window(specs: Sequence[layout.StreamSpec], conv: record.Conversation, first:
     if spec.kind == "audio":
       pcm = conv.user_audio if spec.direction == "in" else conv.model_audio
       out[spec.name] = _audio_window(spec, pcm, first, n)
+      if spec.direction == "in":
+        out["heard"] = heard_text(spec, conv, first, n)
     elif spec.kind == "video":
       out[spec.name] = _video_window(spec, conv, first, n)
     else:

@@ -2,10 +2,11 @@
 
   python -m launch.data synthetic --output /tmp/synth --train 2048 --eval 256
 
-The vocabulary, word sounds and the ``Script`` a conversation is written into
+The vocabulary, speakers and the ``Script`` a conversation is written into
 live in data_pipeline/script.py, the task families in data_pipeline/tasks.py.
-Conversation ``i`` of a split is a pure function of (seed, i): generation is
-deterministic and order-independent.
+The eval split is spoken by voice variants no train conversation uses
+(``speech.HELDOUT_VARIANTS``). Conversation ``i`` of a split is a pure function of
+(seed, i, voices): generation is deterministic and order-independent.
 """
 
 from __future__ import annotations
@@ -14,16 +15,28 @@ import numpy as np
 
 from data_pipeline import record, shards
 from data_pipeline import tasks as task_lib
-from data_pipeline.script import TASKS, Script, render
+from data_pipeline.script import TASKS, Script, render, speaker
+
+VOICE_SETS = ("train", "heldout")
+LATE_START = 0.3  # conversations that open with 1-10 s of silence
 
 
-def conversation(seed: int, index: int, tasks=TASKS, frame_size: int = 40) -> record.Conversation:
-  """Conversation ``index`` of the stream seeded by ``seed``; the task cycles through ``tasks``."""
+def conversation(
+  seed: int, index: int, tasks=TASKS, frame_size: int = 40, voices: str = "train"
+) -> record.Conversation:
+  """Conversation ``index`` of the stream seeded by ``seed``; the task cycles through ``tasks``.
+
+  ``voices`` picks the user's voice variants: "train" or "heldout" (never used in training).
+  """
+  if voices not in VOICE_SETS:
+    raise ValueError(f"voices must be one of {VOICE_SETS}, got {voices!r}")
   task = tasks[index % len(tasks)]
   rng = np.random.default_rng([seed, index])
-  s = Script(task=task, id=f"synth-{seed}-{index:07d}-{task}", user_pitch=float(rng.uniform(0.92, 1.08)))
+  s = Script(task=task, id=f"synth-{seed}-{index:07d}-{task}", voice=speaker(rng, voices), voices=voices)
   task_lib.BUILDERS[task](s, rng, frame_size)
-  return render(s)
+  if rng.uniform() < LATE_START:  # a session does not always open with speech: silence first, of any length
+    s.delay(int(rng.integers(5, 50)))
+  return render(s, rng)
 
 
 def mixed_tasks(weights=None) -> tuple[str, ...]:
@@ -55,9 +68,14 @@ def generate(
   records_per_shard: int = 512,
   frame_size: int = 40,
   progress: bool = False,
+  voices: str | None = None,
 ):
-  """Write ``count`` conversations as one split of ``out_dir``; returns the shards."""
-  convs = (conversation(seed, i, tasks, frame_size) for i in range(count))
+  """Write ``count`` conversations as one split of ``out_dir``; returns the shards.
+
+  ``voices`` defaults to "heldout" for the eval split and "train" otherwise.
+  """
+  voices = voices or ("heldout" if split == "eval" else "train")
+  convs = (conversation(seed, i, tasks, frame_size, voices) for i in range(count))
   if progress:
     from tqdm import tqdm
 

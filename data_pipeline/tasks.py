@@ -20,7 +20,7 @@ from data_pipeline.script import (
   TRANSLATION,
   Script,
   number_words,
-  word_samples,
+  speaker,
 )
 
 T = SAMPLES_PER_TURN
@@ -41,24 +41,28 @@ def turn_taking(s: Script, rng, frame_size: int) -> None:
   """User speaks, pauses; the model answers RESPONSE_DELAY after the user's last word ends."""
   t = sec(rng.uniform(0.2, 0.8))
   for _ in range(int(rng.integers(1, 3))):
-    end = s.user_says(t, _filler(rng, 2, 4), rng)
+    end = s.user_says(t, _filler(rng, 2, 4))
     s.cue(end, "user_done")
     mend = s.model_says(end + sec(RESPONSE_DELAY), _filler(rng, 2, 3))
     t = mend + sec(rng.uniform(0.5, 1.0))
 
 
 def barge_in(s: Script, rng, frame_size: int) -> None:
-  """The user interrupts the model's long answer with "stop"; the model falls silent within one micro-turn."""
-  end = s.user_says(sec(rng.uniform(0.2, 0.6)), _filler(rng, 1, 2), rng)
+  """The user interrupts the model's long answer with "stop"; the model falls silent within one micro-turn.
+
+  In a third of them a second person (another voice) talks over the model instead: any speech that
+  cuts in stops it.
+  """
+  end = s.user_says(sec(rng.uniform(0.2, 0.6)), _filler(rng, 1, 2))
   s.cue(end, "user_done")
   words = _filler(rng, 6, 8)
   s.model_says(end + sec(RESPONSE_DELAY), words)
   start = s.model[-len(words) + int(rng.integers(2, 5))][0]
   tb = start + sec(rng.uniform(0.05, 0.2))
   s.cue(tb, "barge_in")
-  cut = tb + T
-  s.model = [(a, w, min(e, cut)) for a, w, e in s.model if a <= tb]
-  uend = s.user_says(tb, ["stop", *_filler(rng, 0, 2)], rng)
+  s.cut_model(tb + T)
+  voice = speaker(rng, s.voices) if rng.uniform() < 1 / 3 else None
+  uend = s.user_says(tb, ["stop", *_filler(rng, 0, 2)], voice)
   s.cue(uend, "user_done")
   s.model_says(uend + sec(RESPONSE_DELAY), ["ok"])
   s.meta["barge_in_time"] = tb / SAMPLE_RATE
@@ -71,7 +75,7 @@ def visual_interjection(s: Script, rng, frame_size: int) -> None:
   them "say look some seconds into a long utterance" fits the data without looking at the video.
   """
   t = sec(rng.uniform(0.2, 0.5))
-  uend = s.user_says(t, _filler(rng, 10, 14), rng)
+  uend = s.user_says(t, _filler(rng, 10, 14))
   appear = int(rng.integers(t // T + 3, max(t // T + 4, uend // T - 4)))
   colour, obj = str(rng.choice(COLOURS)), str(rng.choice(OBJECTS))
   empty = bool(rng.uniform() < VISUAL_EMPTY)
@@ -107,26 +111,25 @@ def translation(s: Script, rng, frame_size: int) -> None:
   prev_end = 0
   for w in rng.choice(SOURCE, size=int(rng.integers(5, 9))):
     w = str(w)
-    s.user_says(t, [w], rng)
+    end = s.user_says(t, [w])
     s.cue(t, "source_word")
     prev_end = s.model_says(max(t + TRANSLATION_LAG_TURNS * T, prev_end + sec(0.04)), [TRANSLATION[w]])
-    t += word_samples(w) + sec(rng.uniform(0.05, 0.25))
+    t = end + sec(rng.uniform(0.05, 0.25))
   s.meta["lag_turns"] = TRANSLATION_LAG_TURNS
 
 
 def time_awareness(s: Script, rng, frame_size: int) -> None:
   """User says "mark", later asks "how long ago"; the model says the seconds from "mark" to the question's end."""
   t = sec(rng.uniform(0.2, 0.6))
-  mend = s.user_says(t, ["mark"], rng)
+  mend = s.user_says(t, ["mark"])
   s.cue(t, "mark")
   elapsed = int(rng.integers(2, 10))
   question = ["how", "long", "ago"]
-  qlen = sum(word_samples(w) for w in question) + 2 * sec(0.06)
-  qstart = t + elapsed * SAMPLE_RATE - qlen
+  qstart = t + elapsed * SAMPLE_RATE - len(s.utterance(question)[0])
   chatter = _filler(rng, 1, 3)
-  if qstart - mend > sum(word_samples(w) for w in chatter) + len(chatter) * sec(0.12) + sec(1.0):
-    s.user_says(mend + sec(0.5), chatter, rng)
-  qend = s.user_says(qstart, question, rng, gap=(0.06, 0.06))
+  if qstart - mend > len(s.utterance(chatter)[0]) + sec(1.0):
+    s.user_says(mend + sec(0.5), chatter)
+  qend = s.user_says(qstart, question)
   s.cue(qend, "question")
   s.model_says(qend + sec(RESPONSE_DELAY), [*number_words(elapsed), "seconds"])
   s.meta["elapsed_seconds"] = elapsed
@@ -135,7 +138,7 @@ def time_awareness(s: Script, rng, frame_size: int) -> None:
 def tool_use(s: Script, rng, frame_size: int) -> None:
   """User asks a sum; the model calls add(a,b), says "let me check", and says the result once it arrives."""
   a, b = (int(v) for v in rng.integers(0, 10, size=2))
-  qend = s.user_says(sec(rng.uniform(0.2, 0.6)), ["what", "is", DIGITS[a], "plus", DIGITS[b]], rng)
+  qend = s.user_says(sec(rng.uniform(0.2, 0.6)), ["what", "is", DIGITS[a], "plus", DIGITS[b]])
   s.cue(qend, "user_done")
   call = qend + sec(0.2)
   s.event("tool_call", call, call + sec(0.2), f"add({a},{b})")
@@ -150,7 +153,7 @@ def tool_use(s: Script, rng, frame_size: int) -> None:
 def delegation(s: Script, rng, frame_size: int) -> None:
   """Like tool_use, but the request goes to the background model and its answer streams back on text_in."""
   a, b = (int(v) for v in rng.integers(2, 10, size=2))
-  qend = s.user_says(sec(rng.uniform(0.2, 0.6)), ["what", "is", DIGITS[a], "times", DIGITS[b]], rng)
+  qend = s.user_says(sec(rng.uniform(0.2, 0.6)), ["what", "is", DIGITS[a], "times", DIGITS[b]])
   s.cue(qend, "user_done")
   call = qend + sec(0.2)
   s.event("delegate", call, call + sec(0.2), f"what is {a} times {b}")
@@ -163,6 +166,18 @@ def delegation(s: Script, rng, frame_size: int) -> None:
   s.meta |= {"delegate": f"{a} times {b}", "answer": a * b}
 
 
+def idle(s: Script, rng, frame_size: int) -> None:
+  """Nothing happens for 4-12 s (silence or room noise, a still camera or none): the model says nothing."""
+  s.last_until(sec(rng.uniform(4.0, 12.0)))
+  if rng.uniform() < 0.5:
+    still = np.clip(rng.integers(30, 140, size=3) + rng.integers(-12, 13, size=(frame_size, frame_size, 1)), 0, 255)
+
+    def frames(turns):
+      return np.repeat(still.astype(np.uint8)[None], turns, axis=0), np.arange(turns, dtype=np.int32)
+
+    s.frames = frames
+
+
 BUILDERS = {
   "turn_taking": turn_taking,
   "barge_in": barge_in,
@@ -171,4 +186,5 @@ BUILDERS = {
   "time_awareness": time_awareness,
   "tool_use": tool_use,
   "delegation": delegation,
+  "idle": idle,
 }
