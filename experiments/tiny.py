@@ -93,6 +93,8 @@ def get_config():
       grad_accum=1,
       aux_weight=0.01,
       z_weight=1e-3,
+      listen_weight=1.0,  # the listening loss (objective.heard_logprobs): audio frames predict the word heard
+      time_offset_turns=18000,  # each window's clock starts at a random turn in [0, this] (one hour; train_step)
       transition_weight=3.0,  # loss weight of output slots where speech starts or stops (objective.transition_weights)
       seed=0,
       log_every=10,

@@ -85,6 +85,8 @@ def get_config():
       moment_dtype="bfloat16",  # Adam moments stored in bf16: 16 GiB/chip less on v5p-128 (train.optimizer)
       aux_weight=0.001,
       z_weight=1e-4,
+      listen_weight=1.0,  # the listening loss (objective.heard_logprobs)
+      time_offset_turns=18000,  # a window's clock starts anywhere in the first hour (train_step)
       seed=0,
       log_every=10,
       checkpoint_every=500,

@@ -171,6 +171,14 @@ def window_layout(specs: Sequence[StreamSpec], num_turns: int, first_turn: int =
   )
 
 
+def token_index(specs: Sequence[StreamSpec], name: str, num_turns: int) -> np.ndarray:
+  """Window-relative index of each token of a stream: int32 [N, slots]."""
+  tl = turn_layout(specs)
+  spec = tl.order[[sp.name for sp in tl.order].index(name)]
+  s = len(tl.stream)
+  return (np.arange(num_turns)[:, None] * s + tl.offset(name) + np.arange(spec.slots)[None, :]).astype(np.int32)
+
+
 def prediction_index(specs: Sequence[StreamSpec], name: str, num_turns: int) -> np.ndarray:
   """Window-relative index of the hidden state that predicts each slot of an output stream.
 

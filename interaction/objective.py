@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from interaction import moe, text
+from interaction import layout, moe, text
 from interaction.model import InteractionModel
 
 
@@ -30,6 +30,8 @@ def outputs_from_embeddings(model: InteractionModel, x_BTD, positions_BT, batch,
   h_BTD, _, stats = model.forward(x_BTD, positions_BT)
   num_turns = num_turns_of(model, batch)
   out = {"moe": stats}
+  if "heard" in batch:
+    out["heard"] = heard_logprobs(model, h_BTD, batch["heard"], num_turns)
   for i, spec in enumerate(model.order):
     if spec.direction != "out":
       continue
@@ -41,6 +43,19 @@ def outputs_from_embeddings(model: InteractionModel, x_BTD, positions_BT, batch,
     else:
       out[spec.name] = model.flow_heads[spec.name].loss(h_BNnD, batch[spec.name], jax.random.fold_in(rng, i))
   return out
+
+
+def heard_logprobs(model: InteractionModel, h_BTD, heard_BNn, num_turns: int):
+  """[B, N, n] log-probability, at each input-audio token, of the transcript byte laid out there.
+
+  The listening target (``data_pipeline.featurize.heard_text``): the hidden state of an audio
+  frame predicts the bytes of the word just heard through the shared text head. Training only:
+  no serving path reads it, and nothing of it is ever an input.
+  """
+  spec = next(s for s in model.order if s.kind == "audio" and s.direction == "in")
+  h_BNnD = h_BTD[:, layout.token_index(model.order, spec.name, num_turns)]
+  logp_BNnV = jax.nn.log_softmax(model.text_logits(h_BNnD), axis=-1)
+  return jnp.take_along_axis(logp_BNnV, jnp.maximum(heard_BNn, 0)[..., None], axis=-1)[..., 0]
 
 
 def window_outputs(model: InteractionModel, batch, rng):
@@ -79,14 +94,16 @@ def losses(
   aux_weight: float = 0.01,
   z_weight: float = 1e-3,
   transition_weight: float = 1.0,
+  listen_weight: float = 0.0,
 ):
   """Scalar losses: text cross-entropy, flow matching, MoE auxiliaries, and the total.
 
-  ``text_ce`` and ``flow`` are the plain losses (comparable across runs); with
+  ``text_ce`` and ``flow`` are the plain losses (comparable across runs); ``listen_ce``
+  (when the batch has ``heard`` targets) is the listening loss, added with ``listen_weight``; with
   ``transition_weight`` != 1 the total weights every output stream's slots by
   ``transition_weights`` (where speech starts or stops, in text and in audio).
   """
-  first = next(iter(v for k, v in outputs.items() if k != "moe"))
+  first = next(iter(v for k, v in outputs.items() if k not in ("moe", "heard")))
   mask_BN = batch.get("turn_mask")
   mask_BN = jnp.ones(first.shape[:2], jnp.float32) if mask_BN is None else mask_BN.astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(mask_BN), 1.0)
@@ -107,6 +124,12 @@ def losses(
     else:
       total = total + value
   result = {"text_ce": text_ce, "flow": flow}
+  if "heard" in outputs:
+    # Slots with no word timings (HEARD_UNKNOWN, -1) carry no listening target.
+    known_BNn = (batch["heard"] >= 0) & (mask_BN[..., None] > 0)
+    result["listen_ce"] = -jnp.sum(jnp.where(known_BNn, outputs["heard"], 0.0)) / jnp.maximum(jnp.sum(known_BNn), 1)
+    if listen_weight:
+      total = total + listen_weight * result["listen_ce"]
   if outputs["moe"] is not None:
     # Stats are stacked over layers: losses per layer, averaged.
     per_layer = jax.vmap(lambda s: moe.router_losses(s, model.cfg.experts_per_token))(outputs["moe"])

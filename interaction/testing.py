@@ -107,6 +107,8 @@ def experiment_config() -> ml_collections.ConfigDict:
       grad_accum=1,
       aux_weight=0.01,
       z_weight=1e-3,
+      listen_weight=1.0,
+      time_offset_turns=18000,
       transition_weight=3.0,
       seed=0,
       log_every=10,

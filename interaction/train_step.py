@@ -107,13 +107,16 @@ def check_batch_size(batch_size: int, mesh) -> None:
     )
 
 
+OPTIONAL_TARGETS = ("heard",)  # training-only targets (objective.listen_loss)
+
+
 def model_batch(cfg: ModelConfig, batch) -> dict:
   """The keys of a pipeline batch that the model reads."""
   keys = [s.name for s in cfg.streams] + ["first_turn", "turn_mask"]
   missing = [k for k in keys if k not in batch]
   if missing:
     raise ValueError(f"batch is missing {missing}; it has {sorted(batch)}")
-  return {k: batch[k] for k in keys}
+  return {k: batch[k] for k in keys + [k for k in OPTIONAL_TARGETS if k in batch]}
 
 
 def create(cfg: ModelConfig, tc, mesh, seed: int = 0):
@@ -181,8 +184,15 @@ def make_train_step(graphdef, cfg: ModelConfig, tc, mesh, shardings):
   opt = optimizer(tc)
   lr_at = schedule(tc)
 
+  max_offset = int(tc.get("time_offset_turns", 0))
+
   def loss_fn(params, batch, rng):
     model = nnx.merge(graphdef, params)
+    if max_offset:
+      # A window's clock starts anywhere in [0, max_offset] micro-turns: the model learns to react to
+      # what it hears and sees, not to how long the session has run (live sessions run for hours).
+      offset = jax.random.randint(jax.random.fold_in(rng, 7), batch["first_turn"].shape, 0, max_offset + 1)
+      batch = dict(batch, first_turn=batch["first_turn"] + offset.astype(batch["first_turn"].dtype))
     losses = objective.losses(
       model,
       objective.window_outputs(model, batch, rng),
@@ -190,6 +200,7 @@ def make_train_step(graphdef, cfg: ModelConfig, tc, mesh, shardings):
       aux_weight=tc.aux_weight,
       z_weight=tc.z_weight,
       transition_weight=tc.get("transition_weight", 1.0),
+      listen_weight=tc.get("listen_weight", 0.0),
     )
     return losses["total"], losses
 
