@@ -50,7 +50,8 @@ def test_streamed_evaluation_writes_report_and_timelines_and_gates_on_targets(da
   workdir = save_checkpoint(tmp_path)
   out = tmp_path / "out"
   args = ["--checkpoint", str(workdir), "--data", str(data_dir), "--slots", "4", "--output", str(out)]
-  code = evaluate_job.main([*args, "--max-conversations", "7", "--require-targets"])
+  one_each = len(synthetic.TASKS)  # the first conversations cycle through the tasks
+  code = evaluate_job.main([*args, "--max-conversations", str(one_each), "--require-targets"])
   report = json.loads((out / "report.json").read_text())
   printed = capsys.readouterr().out
   assert code == 1 and not report["all_targets_pass"]  # random parameters cannot take turns
@@ -58,7 +59,7 @@ def test_streamed_evaluation_writes_report_and_timelines_and_gates_on_targets(da
     fig = report["figures"][name]
     assert fig["target"] == target and fig["op"] == op and isinstance(fig["pass"], bool)
     assert name in printed
-  assert sum(report["conversations"].values()) == 7
+  assert sum(report["conversations"].values()) == one_each
   assert sorted(p.name for p in out.glob("timeline-*.png")) == sorted(f"timeline-{t}.png" for t in synthetic.TASKS)
   assert evaluate_job.main([*args, "--oracle"]) == 0
 
@@ -103,3 +104,42 @@ def test_replay_scores_first_windows_and_leaves_continuations_out():
   assert sorted(scores) == [0, 2]  # the continuation window (task 1) is not scored
   with pytest.raises(ValueError, match="start at micro-turn 0"):
     replay.replay_batch(None, cfg, params, batch, cfg.attention_window)
+
+
+def test_evaluation_feeds_text_in_only_what_a_live_client_sends(data_dir, tmp_path):
+  """The user's speech reaches the model as audio only: no spoken word is ever in the text_in fed."""
+  from data_pipeline import record
+  from interaction import text
+
+  workdir = save_checkpoint(tmp_path)
+  convs = evaluate.read_conversations(data_dir)
+  typed = record.Conversation(
+    id="typed", user_audio=convs[0].user_audio, model_audio=convs[0].model_audio,
+    events=[record.Event("user_text", 0.4, 0.6, "typed words ")], meta={"task": "turn_taking"},
+  )  # fmt: skip
+  loaded = ckpt.open_model(workdir)
+  from serving.background import ArithmeticBackground, BackgroundWorker
+  from serving.engine import Engine, Sampling
+  from serving.tools import ToolRuntime
+
+  engine = Engine.from_loaded(loaded, slots=4, tools=ToolRuntime(), background=BackgroundWorker(ArithmeticBackground()))
+  try:
+    trs = evaluate.stream_through_engine(engine, loaded.cfg, [*convs, typed], Sampling(1.0, 1.0, 0), progress=False)
+  finally:
+    engine.close()
+  results = {text.TOOL_RESULT_START: text.TOOL_RESULT_END, text.BACKGROUND_RESULT_START: text.BACKGROUND_RESULT_END}
+  for conv, tr in zip([*convs, typed], trs, strict=True):
+    outside, close = [], None  # text_in bytes outside call results: what the client itself sent
+    for tok in tr.text_in.reshape(-1).tolist():
+      if close is None and tok in results:
+        close = results[tok]
+      elif tok == close:
+        close = None
+      elif close is None and tok != text.PAD:
+        outside.append(tok)
+    sent = bytes(outside).decode()
+    if conv.id == "typed":
+      assert sent == "typed words "  # typed text does reach the model (so this test can fail)
+    else:
+      assert sent == "", (conv.id, sent)
+      assert conv.meta["user_words"] or conv.meta["task"] == "idle", conv.id  # the user did speak

@@ -52,14 +52,33 @@ def read_conversations(data_dir, split: str = "eval", limit: int | None = None) 
   return out
 
 
+def silent_conversation(turns: int = scores.SILENCE_TURNS) -> record.Conversation:
+  """``turns`` micro-turns of nothing: no sound, no video, no text (the model should stay quiet)."""
+  zeros = np.zeros(turns * record.SAMPLES_PER_TURN, np.int16)
+  return record.Conversation(id=f"silence-{turns}", user_audio=zeros, model_audio=zeros, meta={"task": "silence"})
+
+
 def conversation_streams(cfg, conv: record.Conversation) -> dict:
-  """Whole-conversation features; text_in holds only what the user typed (call results come live)."""
+  """Whole-conversation features, and what a live client sends: ``client_<stream>`` for each input.
+
+  A live client sends its microphone, its camera and what the user types: the user's speech
+  reaches the model as audio only. Tool and background results come from the runtime, live.
+  """
   feats = featurize.window(cfg.streams, conv, 0, conv.num_turns)
   for spec in cfg.streams:
-    if spec.kind == "text" and spec.direction == "in":
-      user = [e for e in conv.events if e.kind == "user_text"]
-      feats["user_" + spec.name] = featurize.layout_text(user, conv.num_turns, spec.slots)
+    if spec.direction != "in":
+      continue
+    if spec.kind == "text":
+      typed = [e for e in conv.events if e.kind == "user_text"]
+      feats["client_" + spec.name] = featurize.layout_text(typed, conv.num_turns, spec.slots)
+    else:
+      feats["client_" + spec.name] = feats[spec.name]
   return feats
+
+
+def ref_words(conv: record.Conversation) -> list[tuple[int, str]]:
+  """(micro-turn, word) of everything the recorded model says, in order."""
+  return [(record.turn_of(e.start), e.text.strip()) for e in conv.events if e.kind == "model_text"]
 
 
 def ref_calls(conv: record.Conversation) -> dict:
@@ -87,13 +106,13 @@ def oracle_transcript(cfg, conv, feats) -> scores.Transcript:
     feats[text_in],
     calls,
     ref_calls(conv),
+    ref_words(conv),
   )
 
 
 def stream_through_engine(engine, cfg, convs, sampling, progress: bool = True) -> list[scores.Transcript]:
   """Run every conversation as a session; sessions join as slots free up, leave at their last turn."""
   in_names = [s.name for s in cfg.streams if s.direction == "in"]
-  text_in = next(s.name for s in cfg.streams if s.kind == "text" and s.direction == "in")
   queue = list(range(len(convs)))
   live, done = {}, {}  # session id -> (conversation index, features, per-turn outputs)
   ticks, t0 = 0, time.perf_counter()
@@ -105,7 +124,7 @@ def stream_through_engine(engine, cfg, convs, sampling, progress: bool = True) -
     inputs = {}
     for sid, (_, feats, outs, _) in live.items():
       t = len(outs)
-      inputs[sid] = {k: feats[k][t] for k in in_names if k != text_in} | {text_in: feats["user_" + text_in][t]}
+      inputs[sid] = {k: feats["client_" + k][t] for k in in_names}
     results = engine.tick(inputs)
     ticks += 1
     for sid in list(live):
@@ -135,6 +154,7 @@ def _transcript(cfg, conv, feats, outs, session) -> scores.Transcript:
     stack[names["text", "in"]],
     calls,
     ref_calls(conv),
+    ref_words(conv),
   )
 
 
@@ -143,7 +163,8 @@ def build_report(transcripts, info: dict) -> dict:
   per_task = {}
   for tr in transcripts:
     scores.score(tr, tally)
-    per_task[tr.task] = per_task.get(tr.task, 0) + 1
+    if tr.task != "silence":  # the silent session is a probe, not a held-out conversation
+      per_task[tr.task] = per_task.get(tr.task, 0) + 1
   figures = scores.with_targets(tally.figures())
   failed = sorted(k for k, f in figures.items() if f.get("pass") is False)
   return dict(info, conversations=per_task, figures=figures, targets_failed=failed, all_targets_pass=not failed)
@@ -175,13 +196,17 @@ def run(
   oracle: bool = False,
   timelines: bool = True,
   progress: bool = True,
+  silence: bool = True,
 ) -> dict:
   """Evaluate ``checkpoint`` on the eval split of ``data_dir``; print the table, return the report."""
   loaded = open_model(checkpoint)
   convs = read_conversations(data_dir, limit=max_conversations)
   if not convs:
     raise ValueError(f"{data_dir}: the eval split holds no conversations")
+  if silence:
+    convs = [silent_conversation(), *convs]  # first, so its 300 ticks run beside the others
   info = {"checkpoint": str(loaded.path), "step": loaded.step, "slots": slots, "oracle": oracle}
+  info |= {"silence_turns": scores.SILENCE_TURNS if silence else 0}
   info |= {"sampling": {"temperature": temperature, "top_p": top_p, "seed": seed}}
   if oracle:
     transcripts = [oracle_transcript(loaded.cfg, c, conversation_streams(loaded.cfg, c)) for c in convs]
@@ -200,7 +225,8 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     if timelines:
-      report["timelines"] = [str(p) for p in timeline.plot_one_per_task(transcripts, out)]
+      convs_only = [tr for tr in transcripts if tr.task != "silence"]
+      report["timelines"] = [str(p) for p in timeline.plot_one_per_task(convs_only, out)]
       (out / "report.json").write_text(json.dumps(report, indent=1))
   print(format_table(report), flush=True)
   return report

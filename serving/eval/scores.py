@@ -12,9 +12,11 @@ all of it) or, for onsets, from the start of that micro-turn:
 - turn taking, per ``user_done`` cue c of a turn_taking conversation: taken
   over when the model becomes active within ``REACT_TURNS`` after c and before
   the user speaks again; latency = (first active turn - (c + 1)) * 0.2 s.
-- barge-in, per ``barge_in`` cue b where the model was active in b - 1 or b:
-  honoured when an inactive turn s follows within ``STOP_TURNS`` (1 s);
-  stop latency = (s - b) * 0.2 s.
+- barge-in, per ``barge_in`` cue b: honoured when the model was active in b - 1
+  or b and an inactive turn s follows within ``STOP_TURNS`` (1 s); stop latency
+  = (s - b) * 0.2 s. A model already silent at the onset fails the event.
+- silence: with nothing but silence in (no audio, video or text) for
+  ``SILENCE_TURNS`` micro-turns, the fraction of them in which the model is active.
 - visual interjection, per ``object`` cue o: detected when a model onset (an
   active turn after ``SILENT_RUN`` inactive ones) falls in [o, o + REACT_TURNS];
   onsets outside every such window are false positives.
@@ -53,7 +55,9 @@ TARGETS = {
   "visual/precision": (">=", 0.8),
   "translation/word_accuracy": (">=", 0.9),
   "translation/lag_s": ("<=", 0.8),
+  "silence/active_rate": ("<=", 0.01),
 }
+SILENCE_TURNS = 300  # 60 s of silence
 
 
 @dataclasses.dataclass
@@ -79,6 +83,7 @@ class Transcript:
   text_in: np.ndarray  # int [N, n] as fed (user text and call results)
   calls: list
   ref_calls: dict  # "tool" / "background" -> recorded request text
+  ref_words: list = dataclasses.field(default_factory=list)  # (turn, word) the model should say, in order
 
   @property
   def num_turns(self) -> int:
@@ -149,8 +154,7 @@ def _words_after(tr: Transcript, turn: int, spoken=None) -> list[str]:
 
 
 def _ref_words_after(tr: Transcript, turn: int) -> list[str]:
-  ids = tr.labels["model_word"]
-  return [script.VOCAB[i] for i in ids[turn + 1 :] if i >= 0]
+  return [w for t, w in tr.ref_words if t > turn]
 
 
 class Tally:
@@ -181,12 +185,12 @@ def score(tr: Transcript, tally: Tally) -> None:
         tally.add("turn_taking/latency_s", (first - c - 1) * MICRO_TURN_SECONDS)
   elif tr.task == "barge_in":
     for b in _cues(tr, "barge_in"):
-      if not active[max(0, b - 1) : b + 1].any():
-        tally.add("barge_in/not_speaking_at_onset", 1)
-        continue
-      tally.add("barge_in/not_speaking_at_onset", 0)
+      # Every scripted interruption counts: a model that was not speaking when the user cut in
+      # fails it (otherwise a model that says nothing would honour every barge-in).
+      speaking = bool(active[max(0, b - 1) : b + 1].any())
+      tally.add("barge_in/not_speaking_at_onset", not speaking)
       # One silent turn is the stop: the trained reaction is an "ok" right after it.
-      stop = next((t for t in range(b, min(b + STOP_TURNS + 1, n)) if not active[t]), None)
+      stop = next((t for t in range(b, min(b + STOP_TURNS + 1, n)) if not active[t]), None) if speaking else None
       tally.add("barge_in/honoured_rate", stop is not None)
       if stop is not None:
         tally.add("barge_in/stop_latency_s", (stop - b) * MICRO_TURN_SECONDS)
@@ -200,6 +204,9 @@ def score(tr: Transcript, tally: Tally) -> None:
       tally.add("time/accuracy", _words_after(tr, q)[: len(ref)] == ref)
   elif tr.task in ("tool_use", "delegation"):
     _score_call(tr, active, tally, "tool" if tr.task == "tool_use" else "background")
+  elif tr.task in ("silence", "idle"):
+    for a in active:
+      tally.add(f"{tr.task}/active_rate", a)
 
 
 def _score_visual(tr: Transcript, active, tally: Tally) -> None:
@@ -212,7 +219,7 @@ def _score_visual(tr: Transcript, active, tally: Tally) -> None:
     if hits:
       tally.add("visual/latency_s", (hits[0] - o) * MICRO_TURN_SECONDS)
       said = [w for t, w in spoken if o <= t <= o + REACT_TURNS + 3]
-      ref = [script.VOCAB[i] for i in tr.labels["model_word"][o:] if i >= 0][:3]
+      ref = [w for t, w in tr.ref_words if t >= o][:3]
       tally.add("visual/content_accuracy", all(w in said for w in ref))
   for t in starts:
     tally.add("visual/precision", any(o <= t <= o + REACT_TURNS for o in objects))
@@ -220,7 +227,7 @@ def _score_visual(tr: Transcript, active, tally: Tally) -> None:
 
 def _score_translation(tr: Transcript, tally: Tally) -> None:
   sources = _cues(tr, "source_word")
-  ref_words = [(t, script.VOCAB[i]) for t, i in enumerate(tr.labels["model_word"]) if i >= 0]
+  ref_words = tr.ref_words
   got = spoken_words(tr.text_out)
   matcher = difflib.SequenceMatcher(a=[w for _, w in ref_words], b=[w for _, w in got], autojunk=False)
   matched = 0
