@@ -156,22 +156,29 @@ def waveform(cfg: MelConfig, logmel: np.ndarray, iters: int = 32, mel_iters: int
   return waveforms(cfg, np.asarray(logmel)[None], iters, mel_iters, seed)[0]
 
 
-def waveforms(
-  cfg: MelConfig, logmel_BFC: np.ndarray, iters: int = 32, mel_iters: int = 50, seed: int = 0
-) -> np.ndarray:
-  """``waveform`` of B independent signals at once (one FFT call per iteration for all): [B, frames * hop]."""
+def _magnitudes(cfg: MelConfig, logmel_BFC: np.ndarray, mel_iters: int) -> np.ndarray:
+  """STFT magnitudes [B, F, n_fft // 2 + 1] whose mel projection approximates ``logmel_BFC``.
+
+  Non-negative power whose mel projection matches: multiplicative updates (as in NMF),
+  started from each channel's power spread evenly over its filter.
+  """
   fb = _filterbank(cfg)
   logmel_BFC = np.asarray(logmel_BFC, np.float32)
   mel = np.exp(logmel_BFC)
   mel = np.where(logmel_BFC <= silence_value(cfg) + 1e-6, 0.0, mel)
-  # Non-negative power whose mel projection matches: multiplicative updates (as in NMF),
-  # started from each channel's power spread evenly over its filter.
   density = mel / np.maximum(fb.sum(axis=1), 1e-9)
   power = density @ (fb / np.maximum(fb.sum(axis=0, keepdims=True), 1e-9)) + 1e-12
   norm = np.maximum(fb.sum(axis=0), 1e-9)
   for _ in range(mel_iters):
     power *= np.einsum("bfc,ck->bfk", mel / np.maximum(np.einsum("bfk,ck->bfc", power, fb), 1e-12), fb) / norm
-  mag = np.sqrt(np.maximum(power, 0.0) * np.sum(_window(cfg.win) ** 2)).astype(np.float32)
+  return np.sqrt(np.maximum(power, 0.0) * np.sum(_window(cfg.win) ** 2)).astype(np.float32)
+
+
+def waveforms(
+  cfg: MelConfig, logmel_BFC: np.ndarray, iters: int = 32, mel_iters: int = 50, seed: int = 0
+) -> np.ndarray:
+  """``waveform`` of B independent signals at once (one FFT call per iteration for all): [B, frames * hop]."""
+  mag = _magnitudes(cfg, logmel_BFC, mel_iters)
   rng = np.random.default_rng(seed)
   phase = np.exp(2j * np.pi * rng.random(mag.shape)).astype(np.complex64)
   y = _istft(mag * phase, cfg)
@@ -180,3 +187,105 @@ def waveforms(
     phase = spec / np.maximum(np.abs(spec), 1e-9)
     y = _istft(mag * phase, cfg)
   return np.clip(y, -1.0, 1.0).astype(np.float32)
+
+
+@dataclasses.dataclass
+class VocoderState:
+  """What a streaming vocoder carries from one chunk to the next (one row per stream).
+
+  ``mag`` [B, C, K]: magnitudes of the last C frames; ``y`` [B, (C + 1) * hop]: the signal of the
+  hops they cover, the last of which is not yet emitted (it still lacks the next frame's overlap).
+  """
+
+  mag: np.ndarray
+  y: np.ndarray
+
+  @classmethod
+  def silence(cls, cfg: MelConfig, batch: int, context: int = 4) -> VocoderState:
+    k = cfg.n_fft // 2 + 1
+    return cls(np.zeros((batch, context, k), np.float32), np.zeros((batch, (context + 1) * cfg.hop), np.float32))
+
+
+def soft_limit(x: np.ndarray, ceiling: float = 0.98) -> np.ndarray:
+  """Identity below ``ceiling / 2``, then a tanh knee that never reaches ``ceiling`` (no clipped samples)."""
+  knee = ceiling / 2
+  over = np.abs(x) > knee
+  soft = np.sign(x) * (knee + (ceiling - knee) * np.tanh((np.abs(x) - knee) / (ceiling - knee)))
+  return np.where(over, soft, x).astype(np.float32)
+
+
+def _hop_frames(y_BX: np.ndarray, cfg: MelConfig) -> np.ndarray:
+  """Spectra of the 2-hop frames of ``y_BX`` (H hops -> H - 1 frames; frame k = hops k, k + 1)."""
+  b, hops = y_BX.shape[0], y_BX.shape[1] // cfg.hop
+  h = y_BX.reshape(b, hops, cfg.hop)
+  frames = np.concatenate([h[:, :-1], h[:, 1:]], axis=-1)
+  return np.fft.rfft(frames * _window(cfg.win), n=cfg.n_fft, axis=-1)
+
+
+def _hop_overlap_add(spec_BFK: np.ndarray, cfg: MelConfig) -> np.ndarray:
+  """Inverse of ``_hop_frames``: F frames -> F + 1 hops, weighted overlap-add."""
+  w = _window(cfg.win)
+  frames = np.fft.irfft(spec_BFK, n=cfg.n_fft, axis=-1)[..., : cfg.win] * w
+  b, num = frames.shape[:2]
+  out = np.zeros((b, num + 1, cfg.hop), np.float32)
+  norm = np.zeros((num + 1, cfg.hop), np.float32)
+  halves = frames.reshape(b, num, 2, cfg.hop)
+  out[:, :num] += halves[:, :, 0]
+  out[:, 1:] += halves[:, :, 1]
+  norm[:num] += (w * w)[: cfg.hop]
+  norm[1:] += (w * w)[cfg.hop :]
+  return (out / np.maximum(norm, 1e-3)).reshape(b, -1)
+
+
+def stream_waveforms(
+  cfg: MelConfig,
+  logmel_BFC: np.ndarray,
+  state: VocoderState,
+  *,
+  iters: int = 8,
+  mel_iters: int = 16,
+  seed: int = 0,
+  ceiling: float = 0.98,
+) -> tuple[np.ndarray, VocoderState]:
+  """Griffin-Lim over a stream, one chunk of F frames at a time: ([B, F * hop] audio, next state).
+
+  Each chunk is solved together with the last C frames of the stream, whose emitted samples are
+  held fixed, so the new audio continues the old one's phase: no seam at chunk boundaries. The
+  output lags the frames by one hop (a hop is final only once the next frame's overlap is known).
+  Samples pass a soft limiter below ``ceiling``: nothing clips.
+  """
+  new = _magnitudes(cfg, logmel_BFC, mel_iters)
+  b, f, _ = new.shape
+  c = state.mag.shape[1]
+  mag = np.concatenate([state.mag, new], axis=1)  # frames covering hops 0 .. C + F
+  y0 = np.zeros((b, (c + f + 1) * cfg.hop), np.float32)
+  y0[:, : (c + 1) * cfg.hop] = state.y
+  fixed = np.arange(y0.shape[1]) < c * cfg.hop  # hops already emitted
+  rng = np.random.default_rng(seed)
+  noise = np.exp(2j * np.pi * rng.random(mag.shape)).astype(np.complex64)
+  y = y0
+  for i in range(max(iters, 1)):
+    spec = _hop_frames(y, cfg)
+    size = np.abs(spec)
+    phase = np.where(size > 1e-6, spec / np.maximum(size, 1e-9), noise if i == 0 else 1.0)
+    y = np.where(fixed, y0, _hop_overlap_add(mag * phase, cfg))
+  out = soft_limit(y[:, c * cfg.hop : (c + f) * cfg.hop], ceiling)
+  return out, VocoderState(mag[:, -c:], y[:, -(c + 1) * cfg.hop :].astype(np.float32))
+
+
+def seam_flux_ratio(y: np.ndarray, period: int, n_fft: int = 512, hop: int = 160) -> float:
+  """How audible the seams every ``period`` samples are: 1.0 = no more than anywhere else.
+
+  The mean log-spectral flux (RMS change of the log-magnitude spectrum between consecutive
+  ``hop``-spaced frames) of frame pairs whose centres straddle a multiple of ``period``, over that
+  of the other pairs, in voiced stretches only (both frames above 5% of the loudest one's energy).
+  """
+  win = np.hanning(n_fft).astype(np.float32)
+  starts = np.arange(0, len(y) - n_fft, hop)
+  spec = np.abs(np.fft.rfft(np.stack([y[s : s + n_fft] * win for s in starts]), axis=-1))
+  flux = np.sqrt(np.mean(np.diff(np.log(spec + 1e-4), axis=0) ** 2, axis=-1))
+  energy = np.sqrt(np.mean(spec**2, axis=-1))
+  voiced = (energy[1:] > 0.05 * energy.max()) & (energy[:-1] > 0.05 * energy.max())
+  centre = starts + n_fft // 2
+  seam = centre[1:] // period != centre[:-1] // period
+  return float(flux[seam & voiced].mean() / flux[~seam & voiced].mean())

@@ -3,7 +3,8 @@
 In: a micro-turn of PCM16 becomes the model's log-mel frames, streamed (each tick carries the previous
 tick's last ``win - hop`` samples, so the frames equal those of the whole signal); a JPEG or raw RGB frame
 becomes the model's video frame, resized as the training data is. Out: the predicted mel frames become
-PCM16 speech (Griffin-Lim, one batched call for every session that speaks), ``text_out`` becomes the tick's
+PCM16 speech (a streaming Griffin-Lim that carries phase across ticks, one batched call for every
+session that speaks), ``text_out`` becomes the tick's
 text (``calls.TextOutDecoder``: marker contents are not speech) and the session's calls become ``tool_call``
 and ``tool_result`` events.
 
@@ -21,27 +22,20 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline import audio, featurize
+from interaction import layout
 from serving import protocol
 from serving.calls import TextOutDecoder
 from serving.protocol import SAMPLES_PER_TICK, ClientError
 
-SPEECH_RMS = 0.01  # -40 dBFS: the user's micro-turn "has speech energy" above this
-# The model speaks in a micro-turn when at least SPEECH_FRAMES of its mel frames have a channel above
-# SPEECH_LEVEL (log-mel; silence is mel_min, -11.5 for tiny, and voiced frames of the tones reach ~+2).
-SPEECH_LEVEL = -4.0
-SPEECH_FRAMES = 2
 
-
-def speaking(mels_NnC: np.ndarray) -> np.ndarray:
-  """[N] bool: which of N micro-turns of predicted mel frames [N, n, C] are speech, not silence."""
-  return (mels_NnC.max(axis=-1) > SPEECH_LEVEL).sum(axis=-1) >= SPEECH_FRAMES
+def speaking(mels_NnC: np.ndarray, spec) -> np.ndarray:
+  """[N] bool: which of N micro-turns of predicted mel frames [N, n, C] are speech (``spec.voiced``)."""
+  return spec.voiced(mels_NnC)
 
 
 def user_speaking(pcm: np.ndarray) -> bool:
-  """Whether the user's PCM16 samples of a micro-turn have speech energy."""
-  user = pcm.astype(np.float32) * np.float32(1 / 32768)
-  rms = float(np.sqrt(np.mean(user * user))) if len(user) else 0.0
-  return rms > SPEECH_RMS
+  """Whether the user's PCM16 samples of a micro-turn have speech energy (``layout.pcm_speech``)."""
+  return layout.pcm_speech(pcm.astype(np.float32) * np.float32(1 / 32768))
 
 
 def decode_video(kind: int, payload: bytes, shape: tuple[int, int]) -> np.ndarray:
@@ -71,6 +65,7 @@ class SessionMedia:
   utf8: object = dataclasses.field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
   calls: dict = dataclasses.field(default_factory=dict)  # id(call) -> [number, reported chars, call]
   next_call: int = 0
+  voice: audio.VocoderState | None = None  # the streaming vocoder's carried state (one row); None while silent
 
   def said(self, tokens) -> str:
     """The spoken text of a micro-turn's ``text_out`` (a character split across ticks comes out whole)."""
@@ -100,10 +95,10 @@ class Media:
   """The model's media streams for the live server: features in, speech and events out."""
 
   def __init__(self, cfg, vocoder_iters: int = 4):
-    self.audio_in = next(s for s in cfg.streams if s.direction == "in" and s.kind == "audio")
-    self.audio_out = next((s for s in cfg.streams if s.direction == "out" and s.kind == "audio"), None)
-    self.video_in = next((s for s in cfg.streams if s.direction == "in" and s.kind == "video"), None)
-    text_out = next((s for s in cfg.streams if s.direction == "out" and s.kind == "text"), None)
+    self.audio_in = cfg.stream("audio", "in")
+    self.audio_out = cfg.stream("audio", "out", optional=True)
+    self.video_in = cfg.stream("video", "in", optional=True)
+    text_out = cfg.stream("text", "out", optional=True)
     self.text_out = text_out.name if text_out else None
     self.mel_in = audio.mel_config(self.audio_in)
     self.mel_out = audio.mel_config(self.audio_out) if self.audio_out else None
@@ -135,29 +130,39 @@ class Media:
       feats[self.video_in.name] = featurize.patchify(frame, self.video_in.patch_size)
     return feats
 
-  def speech(self, results: list[dict]) -> list[tuple[bool, bytes] | None]:
-    """Per session: (speaking, the ``0x01`` PCM16 frame); one batched vocoder call for all who speak."""
+  def speech(self, states: list[SessionMedia], results: list) -> list[tuple[bool, bytes] | None]:
+    """Per session: (audible, the ``0x01`` PCM16 frame); one batched streaming vocoder call for all who speak.
+
+    Each speaking session's vocoder carries its last frames and samples across ticks
+    (``audio.stream_waveforms``), so its voice has no seam at tick boundaries; the audio lags the mel
+    frames by one hop. A session that falls silent is flushed once (its last hop), then its state is dropped.
+    """
     if self.audio_out is None:
       return [None] * len(results)
-    mels = np.stack([r[self.audio_out.name] for r in results]) if results else np.zeros((0, 1, 1), np.float32)
-    voiced = speaking(mels) if len(mels) else np.zeros(0, bool)
+    mels = np.stack([r.values[self.audio_out.name] for r in results]) if results else np.zeros((0, 1, 1), np.float32)
+    voiced = speaking(mels, self.audio_out) if len(mels) else np.zeros(0, bool)
     waves = np.zeros((len(results), SAMPLES_PER_TICK), np.float32)
-    if voiced.any():
+    rows = [i for i, st in enumerate(states) if voiced[i] or st.voice is not None]
+    if rows:
+      fresh = audio.VocoderState.silence(self.mel_out, 1)
+      carried = [states[i].voice or fresh for i in rows]
+      state = audio.VocoderState(np.concatenate([c.mag for c in carried]), np.concatenate([c.y for c in carried]))
       iters = self.vocoder_iters
-      waves[voiced] = audio.waveforms(self.mel_out, mels[voiced], iters=iters, mel_iters=2 * iters)[
-        :, :SAMPLES_PER_TICK
-      ]
+      waves[rows], state = audio.stream_waveforms(self.mel_out, mels[rows], state, iters=iters, mel_iters=2 * iters)
+      for k, i in enumerate(rows):
+        states[i].voice = audio.VocoderState(state.mag[k : k + 1], state.y[k : k + 1]) if voiced[i] else None
     pcm16 = np.clip(np.round(waves * 32767), -32768, 32767).astype("<i2")
-    return [(bool(v), protocol.audio_frame(row.tobytes())) for v, row in zip(voiced, pcm16, strict=True)]
+    audible = voiced | np.any(pcm16 != 0, axis=1)
+    return [(bool(v), protocol.audio_frame(row.tobytes())) for v, row in zip(audible, pcm16, strict=True)]
 
-  def outputs(self, state: SessionMedia, session, result: dict, pcm: np.ndarray, speech) -> list:
+  def outputs(self, state: SessionMedia, session, result, pcm: np.ndarray, speech) -> list:
     """The audio frame, call events and the tick event (a dict: timing is added once every session is done)."""
     messages = []
     voiced = False
     if speech is not None:
       voiced, frame = speech
       messages.append(frame)
-    said = state.said(result[self.text_out]) if self.text_out is not None else state.utf8.decode(b"")
+    said = state.said(result.values[self.text_out]) if self.text_out is not None else state.utf8.decode(b"")
     turn = session.turn - 1
     messages += state.call_events(session.calls, turn)
     messages.append(protocol.tick_event(turn, said, voiced, user_speaking(pcm), len(pcm)))

@@ -371,7 +371,7 @@ class LiveServer:
     t = time.monotonic()
     results = engine.tick(inputs)
     step_ms = (time.monotonic() - t) * 1000
-    speech = self.media.speech([results[client.session.id] for client, _ in live])
+    speech = self.media.speech([c.media for c, _ in live], [results[client.session.id] for client, _ in live])
     out = []
     for (client, pcm), voice in zip(live, speech, strict=True):
       result = results[client.session.id]
