@@ -87,11 +87,13 @@ def _load_frames(folder: Path, conv_id: str):
 
 
 def _events(tr: dict, conv_id: str) -> list[record.Event]:
-  events = []
-  for who, kind in (("user", "user_text"), ("model", "model_text")):
-    for w in tr.get(who, []):
-      # A word carries its trailing space so laid-out text reads as words.
-      events.append(record.Event(kind, float(w["start"]), float(w["end"]), str(w["word"]) + " "))
+  # The user's spoken words are not events: what the user says reaches the model as audio only
+  # (their timings become the listening target, ``_user_words``). Typed text is an input event.
+  events = [
+    record.Event("model_text", float(w["start"]), float(w["end"]), str(w["word"]) + " ") for w in tr.get("model", [])
+  ]
+  for t in tr.get("typed", []):
+    events.append(record.Event("user_text", float(t["start"]), float(t["end"]), str(t["text"])))
   for e in tr.get("events", []):
     if e.get("type") not in record.EVENT_KINDS:
       raise ConversionError(
@@ -99,6 +101,20 @@ def _events(tr: dict, conv_id: str) -> list[record.Event]:
       )
     events.append(record.Event(e["type"], float(e["start"]), float(e["end"]), str(e["text"])))
   return sorted(events, key=lambda ev: (ev.start, ev.kind))
+
+
+def _user_words(tr: dict, conv_id: str, user_seconds: float) -> list[list]:
+  """``meta["user_words"]``: [start, end, word] of each word the user says, inside the user's audio."""
+  words = []
+  for w in tr.get("user", []):
+    start, end, word = float(w["start"]), float(w["end"]), str(w["word"])
+    if not 0 <= start <= end <= user_seconds + 1e-6:
+      raise ConversionError(
+        f"conversation {conv_id!r}: user word {word!r} at [{start}, {end}] s lies outside its audio "
+        f"(user.wav is {user_seconds:.3f} s)"
+      )
+    words.append([start, end, word])
+  return words
 
 
 def load_conversation(folder, stats: dict | None = None) -> record.Conversation:
@@ -118,7 +134,8 @@ def load_conversation(folder, stats: dict | None = None) -> record.Conversation:
     events=_events(tr, conv_id),
     frames=frames,
     frame_turns=frame_turns,
-    meta=dict(tr.get("meta", {})) | {"source_dir": folder.name},
+    meta=dict(tr.get("meta", {}))
+    | {"source_dir": folder.name, "user_words": _user_words(tr, conv_id, len(user) / SAMPLE_RATE)},
   )
   if frame_turns is not None and frame_turns[-1] >= conv.num_turns:
     raise ConversionError(

@@ -52,8 +52,11 @@ def write_wav(path, samples: np.ndarray, rate: int) -> None:
 
 
 def to_int16(x: np.ndarray) -> np.ndarray:
-  """Float samples in [-1, 1] to int16 PCM, clipping."""
-  return np.clip(np.round(np.asarray(x, np.float32) * 32767.0), -32768, 32767).astype(np.int16)
+  """Float samples in [-1, 1] to int16 PCM, clipping; the inverse of ``read_wav``'s scale (x / 32768).
+
+  The same 32768 both ways, so a 16-bit WAV converted keeps every sample bit for bit.
+  """
+  return np.clip(np.round(np.asarray(x, np.float32) * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
