@@ -101,7 +101,6 @@ def get_config():
       checkpoint_every=100,
       keep_checkpoints=3,
       max_bad_steps=5,
-      inject_nan_steps=(),  # fault injection for tests: steps whose batch is poisoned with NaN
     )
   )
   c.serve = ml_collections.ConfigDict(dict(slots=8, cache_tokens=512))

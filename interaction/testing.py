@@ -115,7 +115,6 @@ def experiment_config() -> ml_collections.ConfigDict:
       checkpoint_every=100,
       keep_checkpoints=3,
       max_bad_steps=5,
-      inject_nan_steps=(),
     )
   )
   c.serve = ml_collections.ConfigDict(dict(slots=8, cache_tokens=512))

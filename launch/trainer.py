@@ -13,6 +13,7 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -31,6 +32,31 @@ PROCESS_SHARDING = ("records", "whole")
 
 class NonFiniteError(RuntimeError):
   """Too many non-finite steps in a row."""
+
+
+class StreakWatch:
+  """The first step at which the bad-step streak reached ``limit``, kept on the device.
+
+  ``update`` after every step only dispatches a tiny program (no host sync, so step n+1 is queued
+  before step n finishes); ``tripped`` reads it back, which the loop does only where it waits for the
+  device anyway (metrics, checkpoints, the end). The step it names is exact however late it is read.
+  """
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.first = None  # int32 on the state's devices: 0 until the streak reaches the limit, then that step
+    self._zero = jax.jit(lambda step: step * 0)
+    self._update = jax.jit(lambda first, streak, step: jnp.where((first == 0) & (streak >= limit), step, first))
+
+  def update(self, state) -> None:
+    if self.first is None:
+      self.first = self._zero(state.step)
+    self.first = self._update(self.first, state.bad_streak, state.step)
+
+  def tripped(self) -> int | None:
+    """The step at which the streak reached the limit, or None (waits for the steps dispatched so far)."""
+    step = 0 if self.first is None else int(self.first)
+    return step or None
 
 
 def prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
@@ -171,15 +197,15 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   bar = Progress(start, tc.steps, progress and main)
   last_losses, t_last, steps_since, preempted = {}, time.perf_counter(), 0, False
   check_every = max(int(tc.get("preemption_check_every", 1)), 1)
-  nan_steps = frozenset(tc.get("inject_nan_steps", ()))
+  watch = StreakWatch(tc.max_bad_steps)
   for step in range(start, tc.steps):
     batch = train_step.model_batch(cfg, next(it))
-    if step in nan_steps:
-      batch = dict(batch, audio_out=np.full_like(batch["audio_out"], np.nan))
     state, m = step_fn(state, train_step.global_batch(batch, mesh, whole=whole))
+    watch.update(state)
     steps_since += 1
     done = step + 1
-    if done % tc.log_every == 0 or done == tc.steps:
+    logged = done % tc.log_every == 0 or done == tc.steps
+    if logged:
       elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
       scale = steps_since / elapsed
       last_losses = _log_metrics(
@@ -192,15 +218,17 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
         scale * window_flops * config.data.batch_size / peak,
       )
       steps_since = 0
-    if int(state.bad_streak) >= tc.max_bad_steps:
-      bar.close()
-      raise NonFiniteError(
-        f"step {done}: {int(state.bad_streak)} non-finite steps in a row (loss or gradient NaN/Inf); "
-        f"stopping. The last committed checkpoint is step {ckpt.latest_step()}"
-      )
     # A collective every process runs at the same step, so all stop at the same one.
     preempted = done < tc.steps and done % check_every == 0 and preemption.should_stop()
-    if done % tc.checkpoint_every == 0 or done == tc.steps or preempted:
+    save = done % tc.checkpoint_every == 0 or done == tc.steps or preempted
+    # Read where the host waits anyway, and always before a save (every process reads the same value).
+    if (logged or save) and (bad := watch.tripped()) is not None:
+      bar.close()
+      raise NonFiniteError(
+        f"step {bad}: {tc.max_bad_steps} non-finite steps in a row (loss or gradient NaN/Inf); "
+        f"stopping. The last committed checkpoint is step {ckpt.latest_step()}"
+      )
+    if save:
       ckpt.save(done, state._asdict(), it.get_state(), meta)
       log(f"checkpoint: saving step {done} (async)")
     if preempted:

@@ -182,12 +182,45 @@ def test_a_batch_the_mesh_cannot_split_is_refused_before_config_or_data_is_writt
   train.check_batch_size(16, sharding.make_mesh({"data": 2, "expert": 4}))
 
 
-def test_too_many_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, data_dir):
+class PoisonedBatches:
+  """Fault injection: the wrapped train iterator's batches number ``steps`` (0-based) carry NaN model audio."""
+
+  def __init__(self, it, steps):
+    self.it, self.steps, self.count = it, frozenset(steps), 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self.it)
+    if self.count in self.steps:
+      batch = dict(batch, audio_out=np.full_like(batch["audio_out"], np.nan))
+    self.count += 1
+    return batch
+
+  def __getattr__(self, name):  # get_state, set_state, close
+    return getattr(self.it, name)
+
+
+def poison_train_batches(monkeypatch, steps):
+  """Installs ``PoisonedBatches`` around the trainer's train pipeline (the eval split is untouched)."""
+  make = trainer.pipeline
+
+  def pipeline(config, data_dir, **kwargs):
+    it, whole = make(config, data_dir, **kwargs)
+    return (PoisonedBatches(it, steps) if kwargs.get("split") == "train" else it), whole
+
+  monkeypatch.setattr(trainer, "pipeline", pipeline)
+
+
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_too_many_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, data_dir, monkeypatch, log_every):
   config = tiny.get_config()
   for key, value in dict(OVERRIDES, **{"data.dir": str(data_dir)}).items():
     section, field = key.split(".")
     config[section][field] = value
-  config.train.inject_nan_steps = (3, 4, 5)
+  poison_train_batches(monkeypatch, (3, 4, 5))
+  config.train.log_every = log_every  # 4: the streak is read back two steps after it reached the limit
   config.train.max_bad_steps = 3
   with pytest.raises(trainer.NonFiniteError, match=r"step 6: 3 non-finite steps in a row"):
     trainer.run(config, tmp_path, progress=False)
