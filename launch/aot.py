@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,15 +35,23 @@ from interaction import config as config_lib
 from interaction import flops, layout, sharding, train_step
 from interaction import step as step_lib
 from interaction.ckpt import abstract_model
+from launch import cli
 from launch.topology import GIB, known_topologies, parse_topology, topology_devices, topology_mesh
 
 __all__ = ["GIB", "known_topologies", "parse_topology", "report", "format_report", "shortfall"]
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (a get_config() module).")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-256 (cores) or v6e-64 (chips).")
-_JOB = flags.DEFINE_enum("job", "train", ["train", "serve"], "Which program to compile.")
-_MESH = flags.DEFINE_string("mesh", None, "Mesh axis sizes, e.g. fsdp=-1,expert=16 (default: the config's).")
-_JSON = flags.DEFINE_bool("json", False, "Also print the report as one JSON line (last).")
+FLAGS = cli.flag_values()
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file (a get_config() module).", flag_values=FLAGS
+)
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "TPU slice, e.g. v5p-256 (cores) or v6e-64 (chips).", flag_values=FLAGS
+)
+_JOB = flags.DEFINE_enum("job", "train", ["train", "serve"], "Which program to compile.", flag_values=FLAGS)
+_MESH = flags.DEFINE_string(
+  "mesh", None, "Mesh axis sizes, e.g. fsdp=-1,expert=16 (default: the config's).", flag_values=FLAGS
+)
+_JSON = flags.DEFINE_bool("json", False, "Also print the report as one JSON line (last).", flag_values=FLAGS)
 
 
 def _sds(tree, shardings):
@@ -278,8 +286,8 @@ def shortfall(r: dict) -> str | None:
   )
 
 
-def main(argv):
-  del argv
+def main(argv=None) -> int:
+  cli.parse(FLAGS, argv, doc=__doc__, prog="python -m launch.aot", required=("config", "topology"))
   # Compile-only: keep jax itself on the CPU backend (libtpu is used only as a compiler). Set before
   # the first backend use; the environment variable was read when jax was imported.
   if "JAX_PLATFORMS" not in os.environ:
@@ -288,21 +296,16 @@ def main(argv):
   try:
     r = report(_CONFIG.value, _TOPOLOGY.value, _JOB.value, axes)
   except (ValueError, RuntimeError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    raise cli.UsageError(cli.one_line(e)) from None
   print(format_report(r), flush=True)
   if _JSON.value:
     print(json.dumps(r), flush=True)
   problem = shortfall(r)
   if problem:
     print(f"error: {problem}", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
-def run():
-  flags.mark_flags_as_required(["config", "topology"])
-  app.run(main)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-  run()
+  cli.run(main)

@@ -16,11 +16,15 @@ a refused input prints ``error: ...`` and exits 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import runpy
 import sys
+import types
+
+from absl import flags
+
+from launch import cli
 
 # The streams an imported LLM gets unless --experiment names another config file (read by path, not imported).
 DEFAULT_EXPERIMENT = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "tiny.py"
@@ -44,28 +48,53 @@ def _mesh(text: str | None) -> dict | None:
   return axes
 
 
-def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m launch.convert", description=__doc__.split("\n")[0])
-  sub = p.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("train-to-serve", help="trainer checkpoint -> serve layout (drops the optimizer state)")
-  t.add_argument("--src", required=True, help="trainer workdir (or its checkpoints/ directory)")
-  t.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest committed)")
-  t.add_argument("--dst", required=True, help="new directory for the serve checkpoint")
-  t.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="cast parameters")
-  t.add_argument("--mesh", default=None, help="mesh hint recorded per array, e.g. data=1,expert=2")
-  h = sub.add_parser("hf-to-interaction", help="HF Mixtral / Qwen3-MoE (safetensors) -> serve layout")
-  h.add_argument("--src", required=True, help="HF model directory: config.json + *.safetensors")
-  h.add_argument("--dst", required=True)
-  h.add_argument("--arch", required=True, choices=("mixtral", "qwen3_moe"))
-  h.add_argument("--experiment", default=None, help="experiment config for streams (default experiments/tiny.py)")
-  h.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
-  h.add_argument("--seed", type=int, default=0, help="seed of the parameters the source lacks")
-  x = sub.add_parser("interaction-to-hf", help="serve layout -> HF checkpoint of the text backbone")
-  x.add_argument("--src", required=True, help="serve checkpoint directory")
-  x.add_argument("--dst", required=True)
-  x.add_argument("--arch", default=None, choices=("mixtral", "qwen3_moe"), help="needed unless imported from HF")
-  x.add_argument("--max-shard-gb", type=float, default=5.0)
-  return p
+DTYPES = ["float32", "bfloat16", "float16"]
+ARCHS = ["mixtral", "qwen3_moe"]
+
+
+def _flags(specs) -> flags.FlagValues:
+  """One command's flags: ``(kind, name, default, help[, enum values])`` per flag."""
+  fv = cli.flag_values()
+  for kind, name, default, help_, *values in specs:
+    define = getattr(flags, f"DEFINE_{kind}")
+    define(name, default, *values, help_, flag_values=fv)
+  return fv
+
+
+COMMANDS = {
+  "train-to-serve": _flags(
+    [
+      ("string", "src", None, "Trainer workdir (or its checkpoints/ directory)."),
+      ("integer", "step", None, "Checkpoint step (default: the latest committed)."),
+      ("string", "dst", None, "New directory for the serve checkpoint."),
+      ("enum", "dtype", None, "Cast parameters.", DTYPES),
+      ("string", "mesh", None, "Mesh hint recorded per array, e.g. data=1,expert=2."),
+    ],
+  ),
+  "hf-to-interaction": _flags(
+    [
+      ("string", "src", None, "HF model directory: config.json + *.safetensors."),
+      ("string", "dst", None, "New directory for the serve checkpoint."),
+      ("enum", "arch", None, "Source architecture.", ARCHS),
+      ("string", "experiment", None, "Experiment config for streams (default experiments/tiny.py)."),
+      ("enum", "dtype", None, "Cast parameters.", DTYPES),
+      ("integer", "seed", 0, "Seed of the parameters the source lacks."),
+    ],
+  ),
+  "interaction-to-hf": _flags(
+    [
+      ("string", "src", None, "Serve checkpoint directory."),
+      ("string", "dst", None, "New HF checkpoint directory."),
+      ("enum", "arch", None, "Needed unless imported from HF.", ARCHS),
+      ("float", "max_shard_gb", 5.0, "Largest safetensors shard, GB."),
+    ],
+  ),
+}
+REQUIRED = {
+  "train-to-serve": ("src", "dst"),
+  "hf-to-interaction": ("src", "dst", "arch"),
+  "interaction-to-hf": ("src", "dst"),
+}
 
 
 def run(args) -> dict:
@@ -84,15 +113,23 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-  args = parser().parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if not argv or argv[0] not in COMMANDS:
+    usage = __doc__.strip().split("\n\n")[0]
+    if argv and argv[0] in cli.HELP:
+      print(usage)
+      return 0
+    raise cli.UsageError(f"give a command: {', '.join(COMMANDS)} (then --help for its flags)")
+  command, fv = argv[0], COMMANDS[argv[0]]
+  cli.parse(fv, argv[1:], doc=__doc__, prog=f"python -m launch.convert {command}", required=REQUIRED[command])
+  args = types.SimpleNamespace(command=command, **{name: fv[name].value for name in fv})
   try:
     summary = run(args)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    return 2
+    raise cli.UsageError(f"{type(e).__name__}: {cli.one_line(e).removeprefix('error: ')}") from None
   print(json.dumps(summary), flush=True)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

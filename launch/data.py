@@ -10,39 +10,63 @@ split (seed + 1); ``convert`` is ``data_pipeline.convert``'s command line.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from data_pipeline import convert, synthetic
+from absl import flags
+
+from data_pipeline import convert, record, synthetic, wav
 from data_pipeline.script import TASKS
+from launch import cli
+
+SYNTHETIC = cli.flag_values()
+_S_OUTPUT = flags.DEFINE_string("output", None, "Dataset directory (manifest.json + shards).", flag_values=SYNTHETIC)
+_S_TRAIN = flags.DEFINE_integer("train", 2048, "Conversations in the train split.", flag_values=SYNTHETIC)
+_S_EVAL = flags.DEFINE_integer("eval", 256, "Conversations in the eval split.", flag_values=SYNTHETIC)
+_S_SEED = flags.DEFINE_integer("seed", 0, "Train uses seed, eval seed + 1.", flag_values=SYNTHETIC)
+_S_TASKS = flags.DEFINE_list(
+  "tasks", list(TASKS), f"Comma-separated subset of {','.join(TASKS)}.", flag_values=SYNTHETIC
+)
+_S_RECORDS = flags.DEFINE_integer("records_per_shard", 512, "Conversations per shard.", flag_values=SYNTHETIC)
+_S_FRAME = flags.DEFINE_integer("frame_size", 40, "Side in pixels of the (square) video frames.", flag_values=SYNTHETIC)
+
+CONVERT = cli.flag_values()
+_C_INPUT = flags.DEFINE_string("input", None, "Folder of conversation folders.", flag_values=CONVERT)
+_C_OUTPUT = flags.DEFINE_string("output", None, "Dataset directory (manifest.json + shards).", flag_values=CONVERT)
+_C_SPLIT = flags.DEFINE_string("split", "train", "Split to write.", flag_values=CONVERT)
+_C_RECORDS = flags.DEFINE_integer("records_per_shard", 1024, "Conversations per shard.", flag_values=CONVERT)
 
 
 def synthetic_main(argv) -> int:
-  p = argparse.ArgumentParser(prog="python -m launch.data synthetic", description=synthetic.__doc__.split("\n")[0])
-  p.add_argument("--output", required=True, help="dataset directory (manifest.json + shards)")
-  p.add_argument("--train", type=int, default=2048, help="conversations in the train split")
-  p.add_argument("--eval", type=int, default=256, help="conversations in the eval split")
-  p.add_argument("--seed", type=int, default=0, help="train uses seed, eval seed + 1")
-  p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-  p.add_argument("--records-per-shard", type=int, default=512)
-  p.add_argument("--frame-size", type=int, default=40, help="side in pixels of the (square) video frames")
-  args = p.parse_args(argv)
-  tasks = tuple(args.tasks.split(","))
+  cli.parse(SYNTHETIC, argv, doc=synthetic.__doc__, prog="python -m launch.data synthetic", required=("output",))
+  tasks = tuple(_S_TASKS.value)
   unknown = sorted(set(tasks) - set(TASKS))
   if unknown:
-    p.error(f"unknown tasks {unknown}; known: {TASKS}")
+    raise cli.UsageError(f"--tasks: unknown tasks {unknown}; known: {','.join(TASKS)}")
   t0 = time.perf_counter()
-  for split, count, seed in (("train", args.train, args.seed), ("eval", args.eval, args.seed + 1)):
+  for split, count, seed in (("train", _S_TRAIN.value, _S_SEED.value), ("eval", _S_EVAL.value, _S_SEED.value + 1)):
     if count > 0:
-      synthetic.generate(args.output, split, count, seed, tasks, args.records_per_shard, args.frame_size, progress=True)
-  total = args.train + args.eval
+      synthetic.generate(_S_OUTPUT.value, split, count, seed, tasks, _S_RECORDS.value, _S_FRAME.value, progress=True)
+  total = _S_TRAIN.value + _S_EVAL.value
   dt = time.perf_counter() - t0
-  print(f"wrote {total} conversations to {args.output} in {dt:.1f} s ({total / dt * 60:.0f} per minute)")
+  print(f"wrote {total} conversations to {_S_OUTPUT.value} in {dt:.1f} s ({total / dt * 60:.0f} per minute)")
   return 0
 
 
-COMMANDS = {"synthetic": synthetic_main, "convert": lambda argv: convert.main(argv) or 0}
+def convert_main(argv) -> int:
+  cli.parse(CONVERT, argv, doc=convert.__doc__, prog="python -m launch.data convert", required=("input", "output"))
+  try:
+    stats = convert.convert(_C_INPUT.value, _C_OUTPUT.value, _C_SPLIT.value, _C_RECORDS.value)
+  except (convert.ConversionError, record.RecordError, wav.WavError) as e:
+    raise cli.UsageError(cli.one_line(e)) from None
+  print(
+    f"wrote {stats['conversations']} conversations in {stats['shards']} shards to {_C_OUTPUT.value}; "
+    f"resampled {stats['resampled']} WAVs to 16 kHz"
+  )
+  return 0
+
+
+COMMANDS = {"synthetic": synthetic_main, "convert": convert_main}
 
 
 def main(argv=None) -> int:
@@ -50,7 +74,7 @@ def main(argv=None) -> int:
   if argv and argv[0] in COMMANDS:
     return COMMANDS[argv[0]](argv[1:])
   usage = "\n\n".join(__doc__.strip().split("\n\n")[:2])
-  if argv and argv[0] in ("-h", "--help"):
+  if argv and argv[0] in cli.HELP:
     print(usage)
     return 0
   print(f"{usage}\n\nerror: give a command: {' or '.join(COMMANDS)} (then --help for its flags)", file=sys.stderr)
@@ -58,4 +82,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -12,18 +12,24 @@ interaction metrics beside their targets (serving/README.md).
 
 import pathlib
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from launch import cpu_devices  # noqa: F401  (must precede jax)
+from launch import (
+  cli,
+  cpu_devices,  # noqa: F401  (must precede jax)
+)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/tiny.py", "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Where data, checkpoints and metrics go.")
-_REPLAY_TURNS = flags.DEFINE_integer("replay_turns", 56, "Micro-turns per replayed conversation (longer ones are cut).")
+FLAGS = cli.flag_values()
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/tiny.py", "Experiment config file.", flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Where data, checkpoints and metrics go.", flag_values=FLAGS)
+_REPLAY_TURNS = flags.DEFINE_integer(
+  "replay_turns", 56, "Micro-turns per replayed conversation (longer ones are cut).", flag_values=FLAGS
+)
 
 
-def main(argv):
-  del argv
+def main(argv=None) -> int:
+  cli.parse(FLAGS, argv, doc=__doc__, prog="python -m launch.demo")
   from data_pipeline import synthetic
   from data_pipeline.pipeline import make_pipeline
   from interaction.ckpt import open_model
@@ -54,7 +60,8 @@ def main(argv):
   evaluate.run(workdir, data_dir, slots=32, output_dir=workdir / "eval")
   print(f"report and timeline PNGs: {workdir / 'eval'}")
   print(f"talk to it live (browser client at the printed URL): python -m launch.serve --checkpoint {workdir}")
+  return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, refused=(ValueError,))

@@ -1,70 +1,75 @@
 r"""Evaluation job: stream held-out conversations through the engine and score interaction behaviour.
 
   python -m launch.evaluate --checkpoint workdir/demo --data workdir/demo/data [--slots 32] [--output DIR]
-                            [--require-targets] [--temperature 0] [--max-conversations N] [--oracle]
+                            [--require_targets] [--temperature 0] [--max_conversations N] [--oracle]
 
 ``--checkpoint`` is anything ``interaction.ckpt.open_model`` opens: a trainer
 workdir, its checkpoints directory or one step, or a serve checkpoint (what
 ``launch.convert`` writes). Each conversation of the eval split is a session fed
 one micro-turn per tick; the model free-runs (serving/eval/evaluate.py). Writes
 ``report.json`` and timeline PNGs to ``--output`` and prints a table.
-``--require-targets`` exits 1 when any target fails; ``--oracle`` scores the
+``--require_targets`` exits 1 when any target fails; ``--oracle`` scores the
 recorded model streams instead (the data's own behaviour).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from absl import flags
 
 from data_pipeline import shards
 from interaction.ckpt import ServeCheckpointError, UnsafePathError
+from launch import cli
 from serving.eval import evaluate
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m launch.evaluate", description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True, help="trainer workdir, checkpoints directory, one step, or serve dir")
-  p.add_argument("--data", required=True, help="dataset directory with manifest.json and an eval split")
-  p.add_argument("--slots", type=int, default=32, help="engine slots (sessions streamed at once)")
-  p.add_argument("--output", help="directory for report.json and timeline PNGs")
-  p.add_argument("--require-targets", action="store_true", help="exit 1 when any figure misses its target")
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--max-conversations", type=int)
-  p.add_argument("--oracle", action="store_true", help="score the recorded model streams (checks the metrics)")
-  return p.parse_args(argv)
+FLAGS = cli.flag_values()
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None, "Trainer workdir, checkpoints directory, one step, or serve dir.", flag_values=FLAGS
+)
+_DATA = flags.DEFINE_string("data", None, "Dataset directory with manifest.json and an eval split.", flag_values=FLAGS)
+_SLOTS = flags.DEFINE_integer("slots", 32, "Engine slots (sessions streamed at once).", flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "Directory for report.json and timeline PNGs.", flag_values=FLAGS)
+_REQUIRE = flags.DEFINE_bool("require_targets", False, "Exit 1 when any figure misses its target.", flag_values=FLAGS)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).", flag_values=FLAGS)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
+_MAX_CONVERSATIONS = flags.DEFINE_integer(
+  "max_conversations", None, "Score at most this many conversations (default: all).", flag_values=FLAGS
+)
+_ORACLE = flags.DEFINE_bool(
+  "oracle", False, "Score the recorded model streams (checks the metrics).", flag_values=FLAGS
+)
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
-  if args.slots < 1:
-    raise SystemExit(f"error: --slots must be >= 1, got {args.slots}")
+  cli.parse(FLAGS, argv, doc=__doc__, prog="python -m launch.evaluate", required=("checkpoint", "data"))
+  if _SLOTS.value < 1:
+    raise cli.UsageError(f"--slots must be >= 1, got {_SLOTS.value}")
   try:
     report = evaluate.run(
-      args.checkpoint,
-      args.data,
-      args.slots,
-      args.output,
-      temperature=args.temperature,
-      top_p=args.top_p,
-      seed=args.seed,
-      max_conversations=args.max_conversations,
-      oracle=args.oracle,
+      _CHECKPOINT.value,
+      _DATA.value,
+      _SLOTS.value,
+      _OUTPUT.value,
+      temperature=_TEMPERATURE.value,
+      top_p=_TOP_P.value,
+      seed=_SEED.value,
+      max_conversations=_MAX_CONVERSATIONS.value,
+      oracle=_ORACLE.value,
     )
   except (FileNotFoundError, shards.ManifestError) as e:  # CheckpointNotFoundError included
-    raise SystemExit(
+    raise cli.UsageError(
       f"error: {e}\n(--checkpoint takes a trainer workdir or a serve checkpoint, --data a dataset directory; "
       "after make demo: --checkpoint workdir/demo --data workdir/demo/data)"
     ) from None
   except (ServeCheckpointError, UnsafePathError) as e:
-    raise SystemExit(f"error: {e}") from None
-  if args.require_targets and not report["all_targets_pass"]:
-    print(f"--require-targets: {len(report['targets_failed'])} target(s) failed", file=sys.stderr)
+    raise cli.UsageError(f"error: {e}") from None
+  if _REQUIRE.value and not report["all_targets_pass"]:
+    print(f"--require_targets: {len(report['targets_failed'])} target(s) failed", file=sys.stderr)
     return 1
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

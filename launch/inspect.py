@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from interaction import config as config_lib
@@ -19,10 +19,18 @@ from interaction import flops, layout, sharding
 from interaction.ckpt import abstract_model
 from interaction.config import ModelConfig
 from interaction.layout import MICRO_TURN_SECONDS
+from launch import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (a get_config() module).")
-_MESH = flags.DEFINE_string("mesh", None, "Mesh axis sizes, e.g. data=2,expert=4 (default: the config's mesh).")
-_DEVICES = flags.DEFINE_integer("devices", None, "Device count for a -1 mesh axis (default: the product).")
+FLAGS = cli.flag_values()
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file (a get_config() module).", flag_values=FLAGS
+)
+_MESH = flags.DEFINE_string(
+  "mesh", None, "Mesh axis sizes, e.g. data=2,expert=4 (default: the config's mesh).", flag_values=FLAGS
+)
+_DEVICES = flags.DEFINE_integer(
+  "devices", None, "Device count for a -1 mesh axis (default: the product).", flag_values=FLAGS
+)
 
 
 def stream_table(cfg: ModelConfig) -> list[tuple[str, str, str, int]]:
@@ -54,18 +62,19 @@ def report(cfg: ModelConfig, mesh_axes: dict[str, int] | None = None, num_device
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
+def main(argv=None) -> int:
+  cli.parse(FLAGS, argv, doc=__doc__, prog="python -m launch.inspect", required=("config",))
   cfg = config_lib.model_config(_CONFIG.value)
   axes = sharding.parse_mesh(_MESH.value) if _MESH.value else dict(_CONFIG.value.mesh)
   if any(v == -1 for v in axes.values()) and not _DEVICES.value:
     axes = {k: (1 if v == -1 else v) for k, v in axes.items()}
   print(report(cfg, axes, _DEVICES.value))
+  return 0
 
 
-def run():
-  flags.mark_flag_as_required("config")
-  app.run(main)
+def run() -> None:
+  """The ``interaction-inspect`` command."""
+  cli.run(main, refused=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 r"""Run a command as a multi-process JAX job on this machine (CPU devices, gloo collectives).
 
-  python -m launch.local --processes 2 --devices-per-process 4 -- \
+  python -m launch.local --processes 2 --devices_per_process 4 -- \
     python -m launch.train --config experiments/tiny.py --workdir /tmp/tiny2
 
 Starts ``--processes`` copies of the command, each with
-``--devices-per-process`` virtual CPU devices and the environment
+``--devices_per_process`` virtual CPU devices and the environment
 ``interaction.distributed`` reads (a coordinator on 127.0.0.1, the process
 count and this process's id), and streams their output prefixed with
 ``[pN]``. Exits 0 when all exit 0. When one fails, the others get SIGTERM (then
@@ -14,7 +14,6 @@ SIGTERM/SIGINT to the launcher is forwarded to every process.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -22,6 +21,10 @@ import subprocess
 import sys
 import threading
 import time
+
+from absl import flags
+
+from launch import cli
 
 
 def free_port() -> int:
@@ -64,7 +67,7 @@ def _describe(code: int) -> str:
 def run(command: list[str], processes: int, devices: int, grace: float, timeout: float | None) -> int:
   """Start the processes, stream their logs, return the job's exit status."""
   if processes < 1 or devices < 1:
-    raise ValueError("--processes and --devices-per-process must be >= 1")
+    raise ValueError("--processes and --devices_per_process must be >= 1")
   if not command:
     raise ValueError("no command given: put it after '--'")
   port, lock = free_port(), threading.Lock()
@@ -121,28 +124,23 @@ def _stop(procs, grace: float) -> None:
       p.wait()
 
 
+FLAGS = cli.flag_values()
+_PROCESSES = flags.DEFINE_integer("processes", 2, "Number of JAX processes.", flag_values=FLAGS)
+_DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Virtual CPU devices in each process.", flag_values=FLAGS)
+_GRACE = flags.DEFINE_float("grace", 30.0, "Seconds between SIGTERM and SIGKILL when stopping.", flag_values=FLAGS)
+_BARRIER_TIMEOUT = flags.DEFINE_float(
+  "barrier_timeout", None, "Seconds a process waits for a missing peer (default 60).", flag_values=FLAGS
+)
+
+
 def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  if "--" in argv:
-    split = argv.index("--")
-    argv, command = argv[:split], argv[split + 1 :]
-  else:
-    command = []
-  parser = argparse.ArgumentParser(
-    prog="python -m launch.local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  parser.add_argument("--processes", type=int, default=2, help="number of JAX processes")
-  parser.add_argument("--devices-per-process", type=int, default=4, help="virtual CPU devices in each process")
-  parser.add_argument("--grace", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL when stopping")
-  parser.add_argument(
-    "--barrier-timeout", type=float, default=None, help="seconds a process waits for a missing peer (default 60)"
-  )
-  args = parser.parse_args(argv)
+  # The wrapped command follows absl's own ``--`` separator: nothing after it is parsed here.
+  command = cli.parse(FLAGS, argv, doc=__doc__, prog="python -m launch.local", positional=True)
   try:
-    return run(command, args.processes, args.devices_per_process, args.grace, args.barrier_timeout)
+    return run(command, _PROCESSES.value, _DEVICES.value, _GRACE.value, _BARRIER_TIMEOUT.value)
   except ValueError as e:
-    parser.error(str(e))
+    raise cli.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -1,56 +1,70 @@
 r"""Render the job that runs ``launch.train`` on a TPU slice (GKE JobSet) or a GPU cluster (sbatch).
 
   python -m launch.pod --target gke-tpu --config experiments/tml_interaction_small.py \
-    --topology v5p-256 --image gcr.io/me/interaction:latest --workdir /mnt/shared/run1 --dry-run
+    --topology v5p-256 --image gcr.io/me/interaction:latest --workdir /mnt/shared/run1 --dry_run
   python -m launch.pod --target slurm --config experiments/tml_interaction_small.py \
     --topology 16x8 --workdir /shared/run1 --output run1.sbatch
 
 gke-tpu: a JobSet (the shape xpk creates) with one pod per TPU host, the
 slice's accelerator, topology and chips per host, and the environment
 jax.distributed needs. slurm: ``NODESxGPUS`` nodes, one process per node.
-The workdir must be a filesystem every host shares. ``--dry-run`` (or no
+The workdir must be a filesystem every host shares. ``--dry_run`` (or no
 ``--output``) prints the spec; ``--config.x=y`` style overrides after ``--`` are
 passed to launch.train.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+import types
 
 import yaml
+from absl import flags
 
-from launch import jobspec
+from launch import cli, jobspec
+
+FLAGS = cli.flag_values()
+_TARGET = flags.DEFINE_enum("target", None, ["gke-tpu", "slurm"], "Where the job runs.", flag_values=FLAGS)
+_CONFIG = flags.DEFINE_string(
+  "config", None, "Experiment config file, as launch.train takes it (passed on, not read).", flag_values=FLAGS
+)
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "TPU slice (v5p-256, v6e-64) or slurm NODESxGPUS (4x8).", flag_values=FLAGS
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Checkpoint directory on storage shared by all hosts.", flag_values=FLAGS
+)
+_NAME = flags.DEFINE_string("name", "interaction-train", "Job name (a DNS label).", flag_values=FLAGS)
+_IMAGE = flags.DEFINE_string("image", "", "Container image with this repo installed (gke-tpu).", flag_values=FLAGS)
+_QUEUE = flags.DEFINE_string("queue", None, "Kueue queue name label (gke-tpu).", flag_values=FLAGS)
+_TIME = flags.DEFINE_string("time", "24:00:00", "Time limit (slurm).", flag_values=FLAGS)
+_SETUP = flags.DEFINE_string(
+  "setup", "", "Shell lines run before srun, e.g. 'module load cuda' (slurm).", flag_values=FLAGS
+)
+_GRACE = flags.DEFINE_integer("grace", 120, "Seconds between SIGTERM and the kill.", flag_values=FLAGS)
+_BARRIER_TIMEOUT = flags.DEFINE_integer(
+  "barrier_timeout", 300, "Seconds to wait for a missing process.", flag_values=FLAGS
+)
+_OUTPUT = flags.DEFINE_string("output", None, "Write the spec here instead of printing it.", flag_values=FLAGS)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the spec (the default without --output).", flag_values=FLAGS)
 
 
 def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  extra = []
-  if "--" in argv:
-    split = argv.index("--")
-    argv, extra = argv[:split], argv[split + 1 :]
-  parser = argparse.ArgumentParser(
-    prog="python -m launch.pod", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  # What follows absl's ``--`` separator (--config.x=y overrides) is passed on to launch.train.
+  extra = cli.parse(
+    FLAGS,
+    argv,
+    doc=__doc__,
+    prog="python -m launch.pod",
+    required=("target", "config", "topology", "workdir"),
+    positional=True,
   )
-  parser.add_argument("--target", required=True, choices=["gke-tpu", "slurm"])
-  parser.add_argument("--config", required=True, help="experiment config file, as launch.train takes it")
-  parser.add_argument("--topology", required=True, help="TPU slice (v5p-256, v6e-64) or slurm NODESxGPUS (4x8)")
-  parser.add_argument("--workdir", required=True, help="checkpoint directory on storage shared by all hosts")
-  parser.add_argument("--name", default="interaction-train", help="job name (a DNS label)")
-  parser.add_argument("--image", default="", help="container image with this repo installed (gke-tpu)")
-  parser.add_argument("--queue", default=None, help="Kueue queue name label (gke-tpu)")
-  parser.add_argument("--time", default="24:00:00", help="time limit (slurm)")
-  parser.add_argument("--setup", default="", help="shell lines run before srun, e.g. 'module load cuda' (slurm)")
-  parser.add_argument("--grace", type=int, default=120, help="seconds between SIGTERM and the kill")
-  parser.add_argument("--barrier-timeout", type=int, default=300, help="seconds to wait for a missing process")
-  parser.add_argument("--output", default=None, help="write the spec here instead of printing it")
-  parser.add_argument("--dry-run", action="store_true", help="print the spec (the default without --output)")
-  args = parser.parse_args(argv)
+  args = types.SimpleNamespace(**{name: FLAGS[name].value for name in FLAGS})
   command = jobspec.train_command(args.config, args.workdir, extra)
   try:
     if args.target == "gke-tpu":
       if not args.image:
-        parser.error("--image is required for --target gke-tpu")
+        raise ValueError("--image is required for --target gke-tpu")
       spec = jobspec.jobset(
         args.name,
         args.topology,
@@ -72,7 +86,7 @@ def main(argv=None) -> int:
         setup=args.setup,
       )
   except ValueError as e:
-    parser.error(str(e))
+    raise cli.UsageError(str(e)) from None
   if args.output and not args.dry_run:
     with open(args.output, "w") as f:
       f.write(text)
@@ -83,4 +97,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)
