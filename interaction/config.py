@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from interaction import layout, text
+from interaction import layout, sharding, text
 
 ROUTER_SCORINGS = ("softmax", "sigmoid")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -59,6 +59,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   norm_eps: float = 1e-6
+  # Logical axis -> mesh axes for parameters, activations and the cache (an experiment's ``rules`` section).
+  rules: sharding.Rules = sharding.DEFAULT_RULES
 
   def __post_init__(self):
     layout.validate_specs(self.streams)
@@ -108,10 +110,11 @@ def streams_from_config(streams: Mapping, order) -> tuple[layout.StreamSpec, ...
 
 
 def model_config(config) -> ModelConfig:
-  """ModelConfig from an experiment config with ``model``, ``streams`` and ``stream_order``."""
-  fields = dict(config.model)
-  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  """ModelConfig from an experiment config with ``model``, ``streams``, ``stream_order`` and optional ``rules``."""
+  fields = dict(config["model"])
+  known = {f.name for f in dataclasses.fields(ModelConfig)} - {"streams", "rules"}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ValueError(f"unknown model config fields {unknown}; known fields are {sorted(known - {'streams'})}")
-  return ModelConfig(streams=streams_from_config(config.streams, config.stream_order), **fields)
+    raise ValueError(f"unknown model config fields {unknown}; known fields are {sorted(known)}")
+  rules = sharding.DEFAULT_RULES.replace(config.get("rules"))
+  return ModelConfig(streams=streams_from_config(config["streams"], config["stream_order"]), rules=rules, **fields)

@@ -35,9 +35,9 @@ def count_params(cfg: ModelConfig, state=None) -> dict[str, int]:
 
 
 def bytes_per_device(cfg: ModelConfig, mesh, state=None) -> int:
-  """Parameter bytes on the most loaded device under the sharding rules."""
+  """Parameter bytes on the most loaded device under the config's sharding rules."""
   state = abstract_model(cfg)[1] if state is None else state
-  specs = sharding.param_specs(state, mesh)
+  specs = sharding.param_specs(state, mesh, cfg.rules)
   total = 0
   for (_, v), (_, spec) in zip(nnx.to_flat_state(state), nnx.to_flat_state(specs), strict=True):
     shards = 1

@@ -132,15 +132,15 @@ class Attention(nnx.Module):
 class SwiGLU(nnx.Module):
   """Dense gated FFN: down(silu(x W_gate) * x W_up)."""
 
-  def __init__(self, d: int, f: int, *, param_dtype, dtype, rngs: nnx.Rngs):
+  def __init__(self, d: int, f: int, *, param_dtype, dtype, rules, rngs: nnx.Rngs):
     self.gate = param(rngs, (d, f), ("embed", "mlp"), param_dtype, fan_in=d)
     self.up = param(rngs, (d, f), ("embed", "mlp"), param_dtype, fan_in=d)
     self.down = param(rngs, (f, d), ("mlp", "embed"), param_dtype, fan_in=f)
-    self.dtype = jnp.dtype(dtype)
+    self.dtype, self.rules = jnp.dtype(dtype), rules
 
   def __call__(self, x_BTD):
     dt = self.dtype
     x = x_BTD.astype(dt)
     h_BTF = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-    h_BTF = sharding.constrain(h_BTF, ("batch", "seq", "mlp"))
+    h_BTF = sharding.constrain(h_BTF, ("batch", "seq", "mlp"), self.rules)
     return h_BTF @ self.down[...].astype(dt)

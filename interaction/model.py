@@ -46,6 +46,12 @@ class KVCache(NamedTuple):
     return self.pos.shape[1]
 
 
+_KV_AXES = ("layers", "batch", "kv_heads", "cache", "head_dim")
+# The cache's logical axes, as parameters carry theirs: the rules map them to mesh axes
+# (sharding.tree_shardings), so sessions split over the batch axes and kv heads over tensor.
+CACHE_AXES = KVCache(_KV_AXES, _KV_AXES, _KV_AXES, _KV_AXES, ("batch", "cache"))
+
+
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCache:
   dtype = jnp.dtype(dtype or cfg.dtype)
 
@@ -94,17 +100,17 @@ class Block(nnx.Module):
     if moe:
       self.ffn = MoE(cfg, rngs=rngs)
     else:
-      self.ffn = SwiGLU(cfg.d_model, cfg.dense_ffn_dim, param_dtype=pd, dtype=cfg.dtype, rngs=rngs)
-    self.is_moe = moe
+      self.ffn = SwiGLU(cfg.d_model, cfg.dense_ffn_dim, param_dtype=pd, dtype=cfg.dtype, rules=cfg.rules, rngs=rngs)
+    self.is_moe, self.rules = moe, cfg.rules
 
   def __call__(self, x_BTD, positions_BT, cache):
     h_BTD, new_cache = self.attn(self.attn_norm(x_BTD), positions_BT, cache)
-    x_BTD = sharding.constrain(x_BTD + h_BTD.astype(x_BTD.dtype), ("batch", "seq", "act_embed"))
+    x_BTD = sharding.constrain(x_BTD + h_BTD.astype(x_BTD.dtype), ("batch", "seq", "act_embed"), self.rules)
     if self.is_moe:
       y_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
     else:
       y_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), None
-    x_BTD = sharding.constrain(x_BTD + y_BTD.astype(x_BTD.dtype), ("batch", "seq", "act_embed"))
+    x_BTD = sharding.constrain(x_BTD + y_BTD.astype(x_BTD.dtype), ("batch", "seq", "act_embed"), self.rules)
     return x_BTD, new_cache, stats
 
 
@@ -183,7 +189,7 @@ class InteractionModel(nnx.Module):
     """Embed ``n`` consecutive slots of one stream: values [B, N, n, ...] -> [B, N, n, D]."""
     spec = self.cfg.spec(name)
     # Inputs arrive batch-sharded; saying so keeps the partitioner from guessing.
-    values = sharding.constrain(values, ("batch",) + (None,) * (values.ndim - 1))
+    values = sharding.constrain(values, ("batch",) + (None,) * (values.ndim - 1), self.cfg.rules)
     if spec.kind == "text":
       x = sharding.gathered(self.text_table[...])[values]
     else:
@@ -192,7 +198,7 @@ class InteractionModel(nnx.Module):
     slot_ids = self.turn.offset(name) + first_slot + jnp.arange(n)
     x = x.astype(jnp.float32) + sharding.gathered(self.slot_embed[...])[slot_ids].astype(jnp.float32)
     x = x + self.time_embed(turn_BN)[:, :, None, :].astype(jnp.float32)
-    return sharding.constrain(x.astype(jnp.dtype(self.cfg.dtype)), ("batch", None, None, "act_embed"))
+    return sharding.constrain(x.astype(jnp.dtype(self.cfg.dtype)), ("batch", None, None, "act_embed"), self.cfg.rules)
 
   def embed_block(self, streams, turn_BN, direction: str):
     """All slots of one direction's block, in layout order: [B, N, S_dir, D]."""
@@ -218,7 +224,7 @@ class InteractionModel(nnx.Module):
     ``h_BTD`` is final-normed. With a cache the new tokens attend to it and are
     written into its ring buffer; ``moe_stats`` holds router sums per MoE layer.
     """
-    x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
+    x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"), self.cfg.rules)
     none = (None, None)
     dense_kv = none if cache is None else (cache.dense_k, cache.dense_v)
     moe_kv = none if cache is None else (cache.moe_k, cache.moe_v)

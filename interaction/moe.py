@@ -175,14 +175,14 @@ class MoE(nnx.Module):
     self.up = param(rngs, (e, d, f), ("expert", "expert_embed", "expert_mlp"), pd, fan_in=d)
     self.down = param(rngs, (e, f, d), ("expert", "expert_mlp", "expert_embed"), pd, fan_in=f)
     self.shared = (
-      SwiGLU(d, f * cfg.num_shared_experts, param_dtype=pd, dtype=cfg.dtype, rngs=rngs)
+      SwiGLU(d, f * cfg.num_shared_experts, param_dtype=pd, dtype=cfg.dtype, rules=cfg.rules, rngs=rngs)
       if cfg.num_shared_experts
       else None
     )
     self.k, self.scoring, self.num_experts = cfg.experts_per_token, cfg.router_scoring, e
     self.normalize = cfg.normalize_top_k
     self.impl, self.tile, self.dtype = cfg.gmm_impl, cfg.gmm_tile, jnp.dtype(cfg.dtype)
-    self.chunks = cfg.moe_chunks
+    self.chunks, self.rules = cfg.moe_chunks, cfg.rules
 
   def __call__(self, x_BTD):
     """Returns ``(y_BTD, stats)``; ``stats`` are router sums over all tokens."""
@@ -198,10 +198,10 @@ class MoE(nnx.Module):
     return y_BTD, stats
 
   def _sharded(self, x_BTD, weights, mesh):
-    batch = sharding.logical_to_spec(("batch",), mesh)[0]
+    batch = sharding.logical_to_spec(("batch",), mesh, self.rules)[0]
     batch_axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
-    expert_w = sharding.logical_to_spec(("expert", None, "expert_mlp"), mesh)
-    expert_w_down = sharding.logical_to_spec(("expert", "expert_mlp", None), mesh)
+    expert_w = sharding.logical_to_spec(("expert", None, "expert_mlp"), mesh, self.rules)
+    expert_w_down = sharding.logical_to_spec(("expert", "expert_mlp", None), mesh, self.rules)
     shards = 1
     for a in batch_axes:
       shards *= mesh.shape[a]

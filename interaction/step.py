@@ -26,7 +26,7 @@ from flax import nnx
 
 from interaction import layout, text
 from interaction.config import ModelConfig
-from interaction.model import InteractionModel, KVCache, init_cache
+from interaction.model import CACHE_AXES, InteractionModel, KVCache, init_cache
 
 
 class StepState(NamedTuple):
@@ -36,6 +36,10 @@ class StepState(NamedTuple):
   top_p: jax.Array  # [B] float32 in (0, 1]
   seed: jax.Array  # [B] uint32
   active: jax.Array  # [B] bool: False for an idle slot
+
+
+# The state's logical axes (sharding.tree_shardings): every session array is split over the batch axes.
+STATE_AXES = StepState(CACHE_AXES, ("batch",), ("batch",), ("batch",), ("batch",), ("batch",))
 
 
 def init_state(cfg: ModelConfig, slots: int, cache_tokens: int, *, temperature=1.0, top_p=1.0) -> StepState:

@@ -28,7 +28,7 @@ MESHES = {
 
 def spec_table(cfg, axes):
   mesh = jax.sharding.AbstractMesh(sharding.mesh_shape(axes, 8), sharding.MESH_AXES)
-  specs = sharding.param_specs(abstract_model(cfg)[1], mesh)
+  specs = sharding.param_specs(abstract_model(cfg)[1], mesh, cfg.rules)
   return {"/".join(map(str, path)): str(tuple(v.get_value())) for path, v in nnx.to_flat_state(specs)}
 
 
@@ -57,10 +57,10 @@ def test_same_initial_loss_on_every_mesh(name, single_device_loss):
   ref, batch = single_device_loss
   cfg = tiny_cfg()
   mesh = sharding.make_mesh(MESHES[name])
-  graphdef, params = sharding.init_sharded(lambda: InteractionModel(cfg, rngs=nnx.Rngs(0)), mesh)
+  graphdef, params = sharding.init_sharded(lambda: InteractionModel(cfg, rngs=nnx.Rngs(0)), mesh, cfg.rules)
   leaf = params["moe"]["blocks"]["ffn"]["gate"].get_value()
   want = jax.sharding.NamedSharding(
-    mesh, sharding.logical_to_spec(("layers", "expert", "expert_embed", "expert_mlp"), mesh)
+    mesh, sharding.logical_to_spec(("layers", "expert", "expert_embed", "expert_mlp"), mesh, cfg.rules)
   )
   assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
   with jax.set_mesh(mesh):

@@ -48,7 +48,7 @@ def test_expert_parallel_on_4_devices_equals_naive_loop():
   mesh = sharding.make_mesh({"expert": 4}, jax.devices()[:4])
   graphdef, state = nnx.split(layer)
   with jax.set_mesh(mesh):
-    state = jax.device_put(state, sharding.param_shardings(state, mesh))
+    state = jax.device_put(state, sharding.param_shardings(state, mesh, cfg.rules))
     y, stats = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
   assert y.sharding.spec[0] == "expert"
   np.testing.assert_allclose(y, naive_moe(layer, x), atol=1e-5)

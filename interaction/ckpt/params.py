@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from interaction import layout
+from interaction import layout, sharding
 from interaction.config import ModelConfig
 from interaction.model import InteractionModel
 
@@ -31,6 +31,7 @@ def config_to_json(cfg: ModelConfig) -> dict:
   """A JSON-able dict that ``config_from_json`` turns back into the same ModelConfig."""
   out = dataclasses.asdict(cfg)
   out["streams"] = [dataclasses.asdict(s) for s in cfg.streams]
+  out["rules"] = cfg.rules.to_dict()
   return out
 
 
@@ -42,7 +43,9 @@ def config_from_json(d: dict) -> ModelConfig:
   if unknown:
     raise ValueError(f"unknown model config fields {unknown}")
   streams = tuple(layout.StreamSpec(**s) for s in d["streams"])
-  return ModelConfig(**{k: v for k, v in d.items() if k != "streams"}, streams=streams)
+  # Manifests written before the rules were part of the model config hold none: the defaults.
+  rules = sharding.DEFAULT_RULES.replace(d.get("rules"))
+  return ModelConfig(**{k: v for k, v in d.items() if k not in ("streams", "rules")}, streams=streams, rules=rules)
 
 
 @functools.lru_cache(maxsize=8)

@@ -65,10 +65,11 @@ def _canonical_digest(manifest: dict) -> str:
   return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def mesh_spec(axes, shape, mesh_axes: dict) -> list:
-  """The PartitionSpec (as a JSON list) of a parameter on a mesh of these axis sizes; checks divisibility."""
+def mesh_spec(axes, shape, mesh_axes: dict, rules: sharding.Rules) -> list:
+  """The PartitionSpec (as a JSON list) of a parameter on a mesh of these axis sizes under ``rules``;
+  checks divisibility."""
   fake = types.SimpleNamespace(shape=dict(mesh_axes), empty=False)
-  spec = sharding.logical_to_spec(axes, fake)
+  spec = sharding.logical_to_spec(axes, fake, rules)
   for dim, entry in zip(shape, spec, strict=True):
     n = math.prod(mesh_axes[a] for a in ((entry,) if isinstance(entry, str) else entry or ()))
     if dim % n:
@@ -176,7 +177,7 @@ class _ArrayStream:
       "sha256": self.hash.hexdigest(),
     }
     if w.mesh_hint:
-      entry["spec"] = mesh_spec(self.info.axes, self.info.shape, w.mesh_hint)
+      entry["spec"] = mesh_spec(self.info.axes, self.info.shape, w.mesh_hint, w.cfg.rules)
     w.arrays[self.name] = entry
 
 
@@ -264,12 +265,12 @@ def iter_arrays(directory, names=None):
     yield name, read_array(directory, name, arrays[name], infos[name])
 
 
-def _target_sharding(shardings_or_mesh, name: str, info: params_lib.ParamInfo, flat_shardings):
+def _target_sharding(shardings_or_mesh, name: str, info: params_lib.ParamInfo, flat_shardings, rules):
   if shardings_or_mesh is None:
     return None
   if isinstance(shardings_or_mesh, jax.sharding.Mesh):
     mesh = shardings_or_mesh
-    spec = mesh_spec(info.axes, info.shape, dict(mesh.shape))
+    spec = mesh_spec(info.axes, info.shape, dict(mesh.shape), rules)
     return NamedSharding(mesh, jax.sharding.PartitionSpec(*[tuple(e) if isinstance(e, list) else e for e in spec]))
   if isinstance(shardings_or_mesh, jax.sharding.Sharding):
     return shardings_or_mesh
@@ -290,6 +291,6 @@ def load(directory, shardings_or_mesh=None) -> dict:
   infos = params_lib.param_infos(cfg)
   out = {}
   for name, host in iter_arrays(directory):
-    sh = _target_sharding(shardings_or_mesh, name, infos[name], flat_sh)
+    sh = _target_sharding(shardings_or_mesh, name, infos[name], flat_sh, cfg.rules)
     out[name] = host if sh is None else jax.make_array_from_callback(host.shape, sh, lambda idx, h=host: h[idx])
   return params_lib.unflatten(cfg, out)
