@@ -43,15 +43,16 @@ def wide_config(ffn: int):
 def make_checkpoint(workdir: pathlib.Path, ffn: int) -> dict:
   import jax
 
-  from interaction import config as config_lib
   from interaction import sharding
   from interaction import train_step as train
   from interaction.ckpt import trainer as checkpoint
+  from interaction.experiment import experiment
 
   config = wide_config(ffn)
-  cfg = config_lib.model_config(config)
+  typed = experiment(config)
+  cfg = typed.model
   mesh = sharding.make_mesh({"data": 2, "expert": 4})
-  _, state, _ = train.create(cfg, config.train, mesh)
+  _, state, _ = train.create(cfg, typed.train, mesh)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
   ckpt.save(1, state._asdict(), {}, {"config": json.loads(config.to_json())})
   ckpt.wait()

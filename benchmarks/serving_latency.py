@@ -31,8 +31,8 @@ import numpy as np
 from flax import nnx
 
 from experiments import tiny
-from interaction import config as config_lib
 from interaction import layout
+from interaction.experiment import experiment
 from interaction.model import InteractionModel
 from serving.engine import Engine, Sampling
 
@@ -98,8 +98,8 @@ def main():
   args = p.parse_args()
   if args.quick:
     args.ticks, args.long_ticks = 20, 120
-  config = tiny.get_config()
-  cfg = config_lib.model_config(config)
+  config = experiment(tiny.get_config())
+  cfg = config.model
   cache_tokens = config.serve.cache_tokens
   graphdef, params = nnx.split(InteractionModel(cfg, rngs=nnx.Rngs(0)))
   params = nnx.to_pure_dict(params)

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 import experiments.tiny
-import interaction.config
+import interaction.experiment
 import interaction.layers
 import interaction.layout
 import interaction.moe
@@ -182,7 +182,7 @@ def ffn_variants(cfg) -> dict:
   """The dense baseline, then the MoE with each gmm_tile and ragged_dot: name -> (config or None, fn, params)."""
   f_active = (cfg.experts_per_token + cfg.num_shared_experts) * cfg.expert_ffn_dim
   dense = interaction.layers.SwiGLU(
-    cfg.d_model, f_active, param_dtype=jnp.dtype(cfg.param_dtype), dtype=cfg.dtype, rngs=nnx.Rngs(0)
+    cfg.d_model, f_active, param_dtype=jnp.dtype(cfg.param_dtype), dtype=cfg.dtype, rules=cfg.rules, rngs=nnx.Rngs(0)
   )
   variants = {"dense": (None, *jitted_forward(dense))}
   configs = [dataclasses.replace(cfg, gmm_impl="tiled", gmm_tile=t) for t in sorted({*GMM_TILES, cfg.gmm_tile})]
@@ -279,8 +279,8 @@ def parse_args():
 def main():
   args = parse_args()
   jax.monitoring.register_event_duration_secs_listener(_on_event)
-  config = experiments.tiny.get_config()
-  cfg = interaction.config.model_config(config)
+  config = interaction.experiment.experiment(experiments.tiny.get_config())
+  cfg = config.model
   cache_tokens = config.serve.cache_tokens
   s_turn = interaction.layout.tokens_per_turn(cfg.streams)
   tick_ms = interaction.layout.MICRO_TURN_SECONDS * 1e3

@@ -19,10 +19,9 @@ import grain
 import numpy as np
 
 from data_pipeline import featurize, record, shards
-from interaction import config as config_lib
 from interaction import layout
-
-POLICIES = ("fail", "skip")
+from interaction.experiment import BAD_RECORDS as POLICIES
+from interaction.experiment import ExperimentConfig
 
 
 class _WindowIndex:
@@ -142,15 +141,14 @@ class _SkipAndBatch(grain.IterDataset):
     return _SkipAndBatchIterator(self._parent.__iter__(), self._batch_size, self._locate)
 
 
-def stream_specs(config) -> tuple[layout.StreamSpec, ...]:
+def stream_specs(config: ExperimentConfig) -> tuple[layout.StreamSpec, ...]:
   """The StreamSpecs of an experiment config, checked for what the pipeline can fill."""
-  specs = config_lib.streams_from_config(config.streams, config.stream_order)
-  featurize.check_specs(specs)
-  return specs
+  featurize.check_specs(config.model.streams)
+  return config.model.streams
 
 
 def make_pipeline(
-  config,
+  config: ExperimentConfig,
   data_dir,
   *,
   split: str = "train",
@@ -168,8 +166,8 @@ def make_pipeline(
 ) -> grain.DatasetIterator:
   """Iterator of batches from ``data_dir``'s ``split`` for an experiment config.
 
-  Batch size, window length, seed and (when present) ``workers``, ``read_threads``
-  and ``bad_records`` default to ``config.data``. ``num_epochs``
+  Batch size, window length, seed, ``workers``, ``read_threads`` and
+  ``bad_records`` default to ``config.data``. ``num_epochs``
   None repeats forever (each epoch reshuffled). ``bad_records`` is ``fail``
   (raise, naming shard and index) or ``skip`` (drop and count in the iterator's
   ``skipped_windows`` / ``skipped_records``, which survive get_state/set_state).
@@ -177,9 +175,9 @@ def make_pipeline(
   default to jax's.
   """
   data = config.data
-  workers = data.get("workers", 0) if workers is None else workers
-  read_threads = data.get("read_threads", 1) if read_threads is None else read_threads
-  bad_records = data.get("bad_records", "fail") if bad_records is None else bad_records
+  workers = data.workers if workers is None else workers
+  read_threads = data.read_threads if read_threads is None else read_threads
+  bad_records = data.bad_records if bad_records is None else bad_records
   if bad_records not in POLICIES:
     raise ValueError(f"bad_records must be one of {POLICIES}, got {bad_records!r}")
   batch_size = batch_size or data.batch_size

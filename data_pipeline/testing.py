@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from data_pipeline import record
 from data_pipeline.record import SAMPLE_RATE
+from interaction.experiment import ExperimentConfig, experiment
 from interaction.testing import experiment_config
 
 
-def tiny_config(window_turns: int | None = None, batch_size: int | None = None, seed: int | None = None):
-  """The tiny experiment config (``interaction.testing``, equal to experiments/tiny.py's), data fields overridden."""
-  c = experiment_config()
-  if window_turns is not None:
-    c.data.window_turns = window_turns
-  if batch_size is not None:
-    c.data.batch_size = batch_size
-  if seed is not None:
-    c.data.seed = seed
-  return c
+def tiny_config(
+  window_turns: int | None = None, batch_size: int | None = None, seed: int | None = None
+) -> ExperimentConfig:
+  """The typed tiny experiment (``interaction.testing``, equal to experiments/tiny.py's), data fields overridden."""
+  c = experiment(experiment_config())
+  given = dict(window_turns=window_turns, batch_size=batch_size, seed=seed)
+  return dataclasses.replace(c, data=dataclasses.replace(c.data, **{k: v for k, v in given.items() if v is not None}))
 
 
 def tone(seconds: float, freq: float = 700.0, amp: float = 0.2) -> np.ndarray:

@@ -18,9 +18,33 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from interaction import text
+
 MICRO_TURN_SECONDS = 0.2
 DIRECTIONS = ("in", "out")
 KINDS = ("audio", "video", "text")
+
+# Silence and voicing: the one definition every layer uses (``StreamSpec.silence``, ``silent``,
+# ``voiced``). Two levels, because they read different signals:
+# - A *target* mel frame (from the data) is silent when no channel rises above the middle of
+#   [mel_min, mel_max]: the data's frames are bimodal (digital silence sits at mel_min, speech far
+#   above), so the midpoint splits them (the objective's transition weights).
+# - A *predicted* mel frame (from the flow head) is voiced only ``VOICE_MARGIN`` nats above that
+#   midpoint, and a micro-turn speaks only with ``VOICED_FRAMES`` such frames: generated frames
+#   hover near the split where the model hesitates, and one stray frame is not speech
+#   (evaluation's scores and the live server's ``speaking`` flag and vocoder).
+# - The user's raw microphone PCM is not a mel frame at all: a micro-turn of it has speech energy
+#   above ``PCM_SPEECH_RMS`` (-40 dBFS RMS of samples in [-1, 1]; the server's ``user_speaking``).
+VOICE_MARGIN = 0.5
+VOICED_FRAMES = 2
+PCM_SPEECH_RMS = 0.01
+
+
+def pcm_speech(samples) -> bool:
+  """Whether float samples in [-1, 1] of a micro-turn have speech energy (RMS above ``PCM_SPEECH_RMS``)."""
+  x = np.asarray(samples, np.float32)
+  rms = float(np.sqrt(np.mean(x * x))) if x.size else 0.0
+  return rms > PCM_SPEECH_RMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +110,32 @@ class StreamSpec:
     """The dtype a batch carries for this stream."""
     return {"audio": np.dtype(np.float32), "video": np.dtype(np.uint8), "text": np.dtype(np.int32)}[self.kind]
 
+  @property
+  def silence(self):
+    """The value of one silent element: PAD text, the lowest mel value (digital silence), a black pixel."""
+    return {"audio": self.mel_min, "video": 0, "text": text.PAD}[self.kind]
+
+  def silent(self, values):
+    """[..., n] bool per slot of ``values`` [..., n, *value_shape] (numpy or jax): PAD text, a *target* mel
+    frame with no channel above the middle of [mel_min, mel_max], an all-black patch."""
+    if self.kind == "text":
+      return values == text.PAD
+    if self.kind == "audio":
+      return values.max(axis=-1) <= (self.mel_min + self.mel_max) / 2
+    return (values == 0).all(axis=(-3, -2, -1))
+
+  @property
+  def voice_level(self) -> float:
+    """The log-mel level a *predicted* frame's loudest channel must exceed to count as voiced."""
+    if self.kind != "audio":
+      raise ValueError(f"stream {self.name!r} is a {self.kind} stream; only audio has a voice level")
+    return (self.mel_min + self.mel_max) / 2 + VOICE_MARGIN
+
+  def voiced(self, frames_Nnc):
+    """[N] bool: which micro-turns of predicted mel frames [N, n, C] are speech (``VOICED_FRAMES`` voiced frames)."""
+    frames_Nnc = np.asarray(frames_Nnc)
+    return (frames_Nnc.max(axis=-1) > self.voice_level).sum(axis=-1) >= VOICED_FRAMES
+
 
 def validate_specs(specs: Sequence[StreamSpec]) -> None:
   names = [s.name for s in specs]
@@ -93,6 +143,22 @@ def validate_specs(specs: Sequence[StreamSpec]) -> None:
     raise ValueError(f"stream names must be unique, got {names}")
   if not any(s.direction == "in" for s in specs) or not any(s.direction == "out" for s in specs):
     raise ValueError("a layout needs at least one input and one output stream")
+
+
+def find_stream(specs: Sequence[StreamSpec], kind: str, direction: str, *, optional: bool = False):
+  """The one stream of ``kind`` in ``direction`` (``ModelConfig.stream`` for a config).
+
+  With ``optional`` a missing stream is None; a missing required one, or two that match, is a KeyError.
+  """
+  found = [s for s in specs if s.kind == kind and s.direction == direction]
+  if len(found) == 1:
+    return found[0]
+  if not found and optional:
+    return None
+  what = "no" if not found else f"{len(found)} ({[s.name for s in found]})"
+  raise KeyError(
+    f"{what} {kind} {direction}put streams, need exactly one; streams are {[(s.name, s.kind, s.direction) for s in specs]}"
+  )
 
 
 def block_order(specs: Sequence[StreamSpec]) -> list[StreamSpec]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from interaction import layout, moe, text
+from interaction import layout, moe
 from interaction.model import InteractionModel
 
 
@@ -52,7 +52,7 @@ def heard_logprobs(model: InteractionModel, h_BTD, heard_BNn, num_turns: int):
   frame predicts the bytes of the word just heard through the shared text head. Training only:
   no serving path reads it, and nothing of it is ever an input.
   """
-  spec = next(s for s in model.order if s.kind == "audio" and s.direction == "in")
+  spec = model.cfg.stream("audio", "in")
   h_BNnD = h_BTD[:, layout.token_index(model.order, spec.name, num_turns)]
   logp_BNnV = jax.nn.log_softmax(model.text_logits(h_BNnD), axis=-1)
   return jnp.take_along_axis(logp_BNnV, jnp.maximum(heard_BNn, 0)[..., None], axis=-1)[..., 0]
@@ -80,10 +80,9 @@ def transition_weights(silent_BNn, weight: float):
 
 
 def silent_slots(spec, target):
-  """[B, N, n] True where an output slot is silent: PAD text, or a mel frame below mid-range on every channel."""
-  if spec.kind == "text":
-    return target == text.PAD
-  return jnp.max(target, axis=-1) <= (spec.mel_min + spec.mel_max) / 2
+  """[B, N, n] True where an output target slot is silent (``StreamSpec.silent``: PAD text, or a mel frame
+  with no channel above mid-range)."""
+  return spec.silent(target)
 
 
 def losses(

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from interaction import objective, sharding
 from interaction.ckpt.params import abstract_model
 from interaction.config import ModelConfig
+from interaction.experiment import TrainConfig
 from interaction.model import InteractionModel
 
 
@@ -33,7 +34,7 @@ class TrainState(NamedTuple):
   bad_streak: jax.Array  # int32 []: non-finite steps in a row
 
 
-def schedule(tc) -> optax.Schedule:
+def schedule(tc: TrainConfig) -> optax.Schedule:
   """Linear warmup to ``lr``, cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
   return optax.warmup_cosine_decay_schedule(
     0.0, tc.lr, max(tc.warmup_steps, 1), max(tc.steps, tc.warmup_steps + 1), tc.lr * tc.min_lr_ratio
@@ -73,13 +74,13 @@ def scale_by_adam_stored_as(dtype, b1: float, b2: float, eps: float = 1e-8) -> o
   return optax.GradientTransformation(init, update)
 
 
-def optimizer(tc) -> optax.GradientTransformation:
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; no weight decay on vectors (norm scales).
 
-  ``train.moment_dtype`` (default float32) is the dtype Adam's moments are stored in.
+  ``tc.moment_dtype`` is the dtype Adam's moments are stored in.
   """
   mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
-  moment_dtype = jnp.dtype(tc.get("moment_dtype", "float32"))
+  moment_dtype = jnp.dtype(tc.moment_dtype)
   if moment_dtype == jnp.float32:
     adamw = optax.adamw(schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=mask)
   else:
@@ -91,13 +92,14 @@ def optimizer(tc) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw)
 
 
-def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), mesh)[0]))
+def batch_sharding(mesh, rules: sharding.Rules) -> NamedSharding:
+  """Leading (batch) dim split over the axes ``rules`` give ``batch``."""
+  return NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), mesh, rules)[0]))
 
 
-def check_batch_size(batch_size: int, mesh) -> None:
+def check_batch_size(batch_size: int, mesh, rules: sharding.Rules) -> None:
   """A clear error for a batch the mesh cannot split (jax's own names tiling factors, not the setting)."""
-  axes = batch_sharding(mesh).spec[0] or ()
+  axes = batch_sharding(mesh, rules).spec[0] or ()
   axes = (axes,) if isinstance(axes, str) else tuple(axes)
   shards = math.prod(mesh.shape[a] for a in axes)
   if batch_size % shards:
@@ -119,12 +121,12 @@ def model_batch(cfg: ModelConfig, batch) -> dict:
   return {k: batch[k] for k in keys + [k for k in OPTIONAL_TARGETS if k in batch]}
 
 
-def create(cfg: ModelConfig, tc, mesh, seed: int = 0):
+def create(cfg: ModelConfig, tc: TrainConfig, mesh, seed: int = 0):
   """Sharded model init and an empty optimizer state.
 
   Returns ``(graphdef, state, state_shardings)``; shardings are a TrainState tree.
   """
-  graphdef, params = sharding.init_sharded(lambda: InteractionModel(cfg, rngs=nnx.Rngs(seed)), mesh)
+  graphdef, params = sharding.init_sharded(lambda: InteractionModel(cfg, rngs=nnx.Rngs(seed)), mesh, cfg.rules)
   params = nnx.to_pure_dict(params)
   param_sh = jax.tree.map(lambda x: x.sharding, params)
   opt = optimizer(tc)
@@ -144,10 +146,10 @@ def create(cfg: ModelConfig, tc, mesh, seed: int = 0):
   return graphdef, state, shardings
 
 
-def abstract_create(cfg: ModelConfig, tc, mesh):
+def abstract_create(cfg: ModelConfig, tc: TrainConfig, mesh):
   """Like ``create`` but nothing is allocated: the state is sharded ShapeDtypeStructs (for AOT compiles)."""
   graphdef, abs_params = abstract_model(cfg)
-  param_sh = nnx.to_pure_dict(sharding.param_shardings(abs_params, mesh))
+  param_sh = nnx.to_pure_dict(sharding.param_shardings(abs_params, mesh, cfg.rules))
   params = nnx.to_pure_dict(abs_params)
   replicated = NamedSharding(mesh, P())
   opt_shape = jax.eval_shape(optimizer(tc).init, params)
@@ -179,12 +181,12 @@ def abstract_state(state_shapes, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes, shardings)
 
 
-def make_train_step(graphdef, cfg: ModelConfig, tc, mesh, shardings):
+def make_train_step(graphdef, cfg: ModelConfig, tc: TrainConfig, mesh, shardings):
   """The jitted ``(state, batch) -> (state, metrics)``."""
   opt = optimizer(tc)
   lr_at = schedule(tc)
 
-  max_offset = int(tc.get("time_offset_turns", 0))
+  max_offset = tc.time_offset_turns
 
   def loss_fn(params, batch, rng):
     model = nnx.merge(graphdef, params)
@@ -199,8 +201,8 @@ def make_train_step(graphdef, cfg: ModelConfig, tc, mesh, shardings):
       batch,
       aux_weight=tc.aux_weight,
       z_weight=tc.z_weight,
-      transition_weight=tc.get("transition_weight", 1.0),
-      listen_weight=tc.get("listen_weight", 0.0),
+      transition_weight=tc.transition_weight,
+      listen_weight=tc.listen_weight,
     )
     return losses["total"], losses
 
@@ -243,7 +245,7 @@ def make_train_step(graphdef, cfg: ModelConfig, tc, mesh, shardings):
 
   jitted = jax.jit(
     train_step,
-    in_shardings=(shardings, batch_sharding(mesh)),
+    in_shardings=(shardings, batch_sharding(mesh, cfg.rules)),
     out_shardings=(shardings, NamedSharding(mesh, P())),
     donate_argnums=(0,),
   )
@@ -257,12 +259,12 @@ def make_train_step(graphdef, cfg: ModelConfig, tc, mesh, shardings):
   return run
 
 
-def global_batch(batch, mesh, *, whole: bool = False):
+def global_batch(batch, mesh, rules: sharding.Rules, *, whole: bool = False):
   """This process's share of the batch -> global arrays sharded over the batch axes.
 
   ``whole``: every process holds the whole global batch and keeps the rows its devices own.
   """
-  bsh = batch_sharding(mesh)
+  bsh = batch_sharding(mesh, rules)
   if whole:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(bsh, x, x.shape), batch)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(bsh, x), batch)

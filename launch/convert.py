@@ -34,7 +34,9 @@ def _experiment(path: str | None):
   path = pathlib.Path(path) if path else DEFAULT_EXPERIMENT
   if not path.is_file():
     raise FileNotFoundError(f"--experiment {path}: no such config file")
-  return runpy.run_path(str(path))["get_config"]()
+  from interaction.experiment import experiment
+
+  return experiment(runpy.run_path(str(path))["get_config"]())
 
 
 def _mesh(text: str | None) -> dict | None:

@@ -33,10 +33,11 @@ def main(argv=None) -> int:
   from data_pipeline import synthetic
   from data_pipeline.pipeline import make_pipeline
   from interaction.ckpt import open_model
+  from interaction.experiment import experiment
   from launch import trainer
   from serving.eval import evaluate, replay
 
-  config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+  config, workdir = experiment(_CONFIG.value), pathlib.Path(_WORKDIR.value)
   summary = trainer.run(config, workdir)
   loaded = open_model(workdir)  # the newest step's parameters on one device; the optimizer state stays on disk
   data_dir = trainer.prepare_data(config, workdir)

@@ -14,10 +14,10 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from interaction import config as config_lib
 from interaction import flops, layout, sharding
 from interaction.ckpt import abstract_model
 from interaction.config import ModelConfig
+from interaction.experiment import experiment
 from interaction.layout import MICRO_TURN_SECONDS
 from launch import cli
 
@@ -37,8 +37,14 @@ def stream_table(cfg: ModelConfig) -> list[tuple[str, str, str, int]]:
   return [(s.name, s.direction, s.kind, s.slots) for s in layout.block_order(cfg.streams)]
 
 
+def abstract_mesh(mesh_axes: dict[str, int], num_devices: int | None = None) -> jax.sharding.AbstractMesh:
+  """A device-free mesh of these axis sizes; ``num_devices`` resolves a -1 axis (default: the product)."""
+  n = num_devices or math.prod(v for v in mesh_axes.values() if v > 0)
+  return jax.sharding.AbstractMesh(sharding.mesh_shape(mesh_axes, n), sharding.MESH_AXES)
+
+
 def report(cfg: ModelConfig, mesh_axes: dict[str, int] | None = None, num_devices: int | None = None) -> str:
-  """A printable summary: parameter counts, micro-turn layout, bytes per device."""
+  """A printable summary: parameter counts, micro-turn layout, bytes per device (under ``cfg.rules``)."""
   state = abstract_model(cfg)[1]
   counts = flops.count_params(cfg, state)
   per_turn = layout.tokens_per_turn(cfg.streams)
@@ -54,18 +60,18 @@ def report(cfg: ModelConfig, mesh_axes: dict[str, int] | None = None, num_device
     f"{layout.output_tokens_per_turn(cfg.streams)} out); tokens per second of stream: {per_turn / MICRO_TURN_SECONDS:g}",
   ]
   if mesh_axes is not None:
-    n = num_devices or math.prod(v for v in mesh_axes.values() if v > 0)
-    mesh = jax.sharding.AbstractMesh(sharding.mesh_shape(mesh_axes, n), sharding.MESH_AXES)
+    mesh = abstract_mesh(mesh_axes, num_devices)
     per_device = flops.bytes_per_device(cfg, mesh, state)
-    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(mesh_axes, n), strict=True))
+    shape = dict(mesh.shape)
     lines.append(f"mesh {shape}: parameter bytes per device {per_device:,} ({per_device / 2**30:.2f} GiB)")
   return "\n".join(lines)
 
 
 def main(argv=None) -> int:
   cli.parse(FLAGS, argv, doc=__doc__, prog="python -m launch.inspect", required=("config",))
-  cfg = config_lib.model_config(_CONFIG.value)
-  axes = sharding.parse_mesh(_MESH.value) if _MESH.value else dict(_CONFIG.value.mesh)
+  config = experiment(_CONFIG.value)
+  cfg = config.model  # its sharding rules included: the layout training uses
+  axes = sharding.parse_mesh(_MESH.value) if _MESH.value else config.mesh.axes()
   if any(v == -1 for v in axes.values()) and not _DEVICES.value:
     axes = {k: (1 if v == -1 else v) for k, v in axes.items()}
   print(report(cfg, axes, _DEVICES.value))

@@ -39,10 +39,12 @@ _PROGRESS = flags.DEFINE_bool(
 def main(argv=None) -> int:
   cli.parse(FLAGS, argv, doc=__doc__, prog="python -m launch.train", required=("config", "workdir"))
   from interaction import distributed
+  from interaction.experiment import experiment
   from launch import trainer
 
+  config = experiment(_CONFIG.value)
   try:
-    trainer.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value, progress=_PROGRESS.value)
+    trainer.run(config, _WORKDIR.value, resume=_RESUME.value, progress=_PROGRESS.value)
   except trainer.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(3)

@@ -19,15 +19,10 @@ from flax import nnx
 
 from data_pipeline import synthetic
 from data_pipeline.pipeline import make_pipeline
-from interaction import config as config_lib
 from interaction import distributed, flops, objective, sharding, train_step
 from interaction.ckpt import trainer as checkpoint
+from interaction.experiment import ExperimentConfig
 from launch.train_log import MetricsWriter, Progress, log
-
-# How processes split the data: "records" (each reads its own records, batch_size / processes windows
-# per step; scales) or "whole" (each reads the global batch and keeps its rows: the same batches as a
-# one-process run, at the cost of every host decoding everything).
-PROCESS_SHARDING = ("records", "whole")
 
 
 class NonFiniteError(RuntimeError):
@@ -59,12 +54,12 @@ class StreakWatch:
     return step or None
 
 
-def prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
+def prepare_data(config: ExperimentConfig, workdir: pathlib.Path) -> pathlib.Path:
   """The dataset directory; with none configured, the embedded synthetic tasks in the workdir.
 
   Process 0 generates them (the workdir is shared) while the others wait at a barrier.
   """
-  if config.data.get("dir"):
+  if config.data.dir:
     data_dir = pathlib.Path(config.data.dir)
     if not (data_dir / "manifest.json").exists():
       raise FileNotFoundError(f"--config.data.dir={data_dir} has no manifest.json; convert data into it first")
@@ -73,21 +68,19 @@ def prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
   if jax.process_index() == 0 and not (data_dir / "manifest.json").exists():
     log(f"generating the embedded synthetic dataset into {data_dir}")
     # The train split follows the configured mix; held-out conversations are spread evenly over the tasks.
-    train_tasks = synthetic.mixed_tasks(config.data.get("synthetic_mix"))
+    train_tasks = synthetic.mixed_tasks(dict(config.data.synthetic_mix))
     for split, count, tasks in (
       ("train", config.data.synthetic_train, train_tasks),
       ("eval", config.data.synthetic_eval, synthetic.TASKS),
     ):
       synthetic.generate(data_dir, split, count, seed=config.data.seed + (split == "eval"), tasks=tasks, progress=True)
-  distributed.barrier("synthetic_data", timeout=max(distributed.timeout_s(), config.data.get("prepare_timeout", 3600)))
+  distributed.barrier("synthetic_data", timeout=max(distributed.timeout_s(), config.data.prepare_timeout))
   return data_dir
 
 
-def pipeline(config, data_dir, **kwargs):
+def pipeline(config: ExperimentConfig, data_dir, **kwargs):
   """``make_pipeline`` split across processes per ``data.process_sharding``; returns ``(iterator, whole)``."""
-  mode, n = config.data.get("process_sharding", "records"), jax.process_count()
-  if mode not in PROCESS_SHARDING:
-    raise ValueError(f"data.process_sharding must be one of {PROCESS_SHARDING}, got {mode!r}")
+  mode, n = config.data.process_sharding, jax.process_count()
   if mode == "whole" or n == 1:
     return make_pipeline(config, data_dir, process_index=0, process_count=1, **kwargs), n > 1
   if config.data.batch_size % n:
@@ -107,11 +100,11 @@ def make_eval_loss(graphdef, cfg, tc, mesh):
       batch,
       aux_weight=tc.aux_weight,
       z_weight=tc.z_weight,
-      transition_weight=tc.get("transition_weight", 1.0),
+      transition_weight=tc.transition_weight,
     )
     return {k: v for k, v in losses.items() if k != "expert_load"}
 
-  jitted = jax.jit(f, in_shardings=(None, train_step.batch_sharding(mesh)))
+  jitted = jax.jit(f, in_shardings=(None, train_step.batch_sharding(mesh, cfg.rules)))
 
   def run(params, batch):
     with jax.set_mesh(mesh):
@@ -120,7 +113,7 @@ def make_eval_loss(graphdef, cfg, tc, mesh):
   return run
 
 
-def evaluate(config, data_dir, params, eval_loss, cfg, mesh, max_batches: int | None = None) -> dict:
+def evaluate(config: ExperimentConfig, data_dir, params, eval_loss, cfg, mesh, max_batches: int | None = None) -> dict:
   """Mean held-out losses over the eval split, weighted by real micro-turns."""
   it, whole = pipeline(config, data_dir, split="eval", num_epochs=1, shuffle=False)
   totals, weight = {}, 0.0
@@ -132,7 +125,7 @@ def evaluate(config, data_dir, params, eval_loss, cfg, mesh, max_batches: int | 
     if w == 0:
       continue
     out = jax.device_get(
-      eval_loss(params, train_step.global_batch(train_step.model_batch(cfg, batch), mesh, whole=whole))
+      eval_loss(params, train_step.global_batch(train_step.model_batch(cfg, batch), mesh, cfg.rules, whole=whole))
     )
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v) * w
@@ -152,8 +145,9 @@ def restore_or_init(config, cfg, tc, mesh, ckpt: checkpoint.Checkpointer, resume
   return graphdef, train_step.TrainState(**restored), shardings, data_state, step
 
 
-def run(config, workdir, *, resume: bool = True, progress: bool = True) -> dict:
-  """Train ``config`` in ``workdir``; returns a summary (final step, losses, eval).
+def run(config: ExperimentConfig, workdir, *, resume: bool = True, progress: bool = True) -> dict:
+  """Train ``config`` (``interaction.experiment.experiment`` of a get_config()) in ``workdir``; returns a
+  summary (final step, losses, eval).
 
   Joins the launcher's multi-process job first, if any (``interaction.distributed``). On SIGTERM
   every process saves a checkpoint at the same step and returns (``summary["preempted"]``).
@@ -161,7 +155,7 @@ def run(config, workdir, *, resume: bool = True, progress: bool = True) -> dict:
   distributed.initialize_from_env()
   preemption = distributed.Preemption().install()
   try:
-    with distributed.peer_guard(), sharding.rules(config.get("rules")):
+    with distributed.peer_guard():
       return _run(config, pathlib.Path(workdir), resume, progress, preemption)
   finally:
     preemption.uninstall()
@@ -172,11 +166,12 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   if main:
     workdir.mkdir(parents=True, exist_ok=True)
   distributed.barrier("workdir")
-  cfg, tc = config_lib.model_config(config), config.train
-  mesh = sharding.make_mesh(dict(config.mesh))
-  train_step.check_batch_size(config.data.batch_size, mesh)
+  cfg, tc = config.model, config.train
+  mesh = sharding.make_mesh(config.mesh.axes())
+  train_step.check_batch_size(config.data.batch_size, mesh, cfg.rules)
+  saved = json.loads(json.dumps(config.to_dict()))  # every field, defaults included: what ran
   if main:
-    (workdir / "config.json").write_text(config.to_json(indent=1))
+    (workdir / "config.json").write_text(json.dumps(saved, indent=1))
   data_dir = prepare_data(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
   graphdef, state, shardings, data_state, start = restore_or_init(config, cfg, tc, mesh, ckpt, resume)
@@ -189,18 +184,18 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   peak = flops.measure_matmul_peak() if main else float("nan")
   window_flops = flops.train_flops_per_window(cfg, config.data.window_turns)
   tokens_per_batch = config.data.batch_size * config.data.window_turns * sum(s.slots for s in cfg.streams)
-  meta = {"config": json.loads(config.to_json()), "mesh": dict(mesh.shape)}
+  meta = {"config": saved, "mesh": dict(mesh.shape)}
   log(
     f"process {jax.process_index()}/{jax.process_count()}: mesh {dict(mesh.shape)}; "
     f"matmul peak {peak / 1e9:.1f} GFLOP/s; training steps {start}..{tc.steps}"
   )
   bar = Progress(start, tc.steps, progress and main)
   last_losses, t_last, steps_since, preempted = {}, time.perf_counter(), 0, False
-  check_every = max(int(tc.get("preemption_check_every", 1)), 1)
+  check_every = max(tc.preemption_check_every, 1)
   watch = StreakWatch(tc.max_bad_steps)
   for step in range(start, tc.steps):
     batch = train_step.model_batch(cfg, next(it))
-    state, m = step_fn(state, train_step.global_batch(batch, mesh, whole=whole))
+    state, m = step_fn(state, train_step.global_batch(batch, mesh, cfg.rules, whole=whole))
     watch.update(state)
     steps_since += 1
     done = step + 1

@@ -24,12 +24,12 @@ import pathlib
 
 import numpy as np
 
-from interaction import config as config_lib
 from interaction.ckpt import params as params_lib
 from interaction.ckpt import serve
 from interaction.ckpt.paths import check_tree, confined
 from interaction.ckpt.safetensors_io import SafetensorsFile, SafetensorsWriter
 from interaction.config import ModelConfig
+from interaction.experiment import ExperimentConfig
 
 ARCHS = ("mixtral", "qwen3_moe")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -141,11 +141,11 @@ def backbone_fields(hf: dict, arch: str) -> dict:
   )
 
 
-def import_config(hf: dict, arch: str, experiment, *, param_dtype: str | None = None) -> ModelConfig:
+def import_config(hf: dict, arch: str, experiment: ExperimentConfig, *, param_dtype: str | None = None) -> ModelConfig:
   """The full model: the backbone from ``hf``, streams and modality settings from ``experiment``
-  (an experiment config; ``launch.convert`` defaults to experiments/tiny.py)."""
+  (a typed experiment config; ``launch.convert`` defaults to experiments/tiny.py)."""
   fields = backbone_fields(hf, arch)
-  base = config_lib.model_config(experiment)
+  base = experiment.model
   vocab = int(hf["vocab_size"])
   streams = tuple(dataclasses.replace(s, vocab_size=vocab) if s.kind == "text" else s for s in base.streams)
   if param_dtype:
@@ -260,21 +260,22 @@ def _unused_error(unused: list[str]) -> UnsupportedSourceError:
   )
 
 
-def serving_experiment(experiment, cfg: ModelConfig) -> dict:
+def serving_experiment(experiment: ExperimentConfig, cfg: ModelConfig) -> dict:
   """The experiment config stored with an imported model: the experiment's streams, data and serving
   settings, without its ``model`` section (the manifest's model config is the model), and a serving
   cache at least the imported attention window (the step refuses a shorter one)."""
-  out = json.loads(experiment.to_json())
-  out.pop("model", None)
-  serve_section = out.setdefault("serve", {})
-  serve_section["cache_tokens"] = max(int(serve_section.get("cache_tokens", 0)), cfg.attention_window)
+  serve = dataclasses.replace(experiment.serve, cache_tokens=max(experiment.serve.cache_tokens, cfg.attention_window))
+  out = dataclasses.replace(experiment, serve=serve).to_dict()
+  out.pop("model")
   return out
 
 
-def hf_to_interaction(src, dst, arch: str, *, experiment, param_dtype: str | None = None, seed: int = 0) -> dict:
+def hf_to_interaction(
+  src, dst, arch: str, *, experiment: ExperimentConfig, param_dtype: str | None = None, seed: int = 0
+) -> dict:
   """Convert an HF checkpoint directory into a serve checkpoint; returns a summary with the initialized names.
 
-  ``experiment`` (an experiment config) gives the streams and modality settings; it is stored in the
+  ``experiment`` (a typed experiment config) gives the streams and modality settings; it is stored in the
   manifest, so the converted model opens with its serving settings (``interaction.ckpt.open_model``).
   """
   hf, where = open_source(src)

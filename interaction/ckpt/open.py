@@ -17,7 +17,6 @@ import dataclasses
 import pathlib
 
 import jax
-import ml_collections
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
@@ -26,6 +25,7 @@ from interaction import sharding
 from interaction.ckpt import serve, trainer
 from interaction.ckpt.params import abstract_model
 from interaction.ckpt.paths import CheckpointNotFoundError, check_tree
+from interaction.experiment import ExperimentConfig, experiment
 
 LAYOUTS = ("trainer", "serve")
 
@@ -37,26 +37,24 @@ class Loaded:
   cfg: config_lib.ModelConfig
   graphdef: object
   params: dict  # pure dict of arrays, the trainer's ``state['params']`` layout
-  config: ml_collections.ConfigDict  # the experiment config as stored (serve.cache_tokens, data, ...)
+  experiment: ExperimentConfig  # the experiment stored with it (serve.cache_tokens, data, ...); its model is cfg
   step: int  # the training step; 0 for a model imported from elsewhere
   path: pathlib.Path  # the step directory or serve checkpoint read
   layout: str  # one of LAYOUTS
 
   @property
   def cache_tokens(self) -> int:
-    serve_section = self.config.get("serve")
-    if serve_section and "cache_tokens" in serve_section:
-      return int(serve_section.cache_tokens)
-    return self.cfg.attention_window
+    return self.experiment.serve.cache_tokens
 
 
 def param_shardings(cfg: config_lib.ModelConfig, mesh=None) -> dict:
-  """Target shardings of every parameter (a pure dict): the first device, or laid out on ``mesh``."""
+  """Target shardings of every parameter (a pure dict): the first device, or laid out on ``mesh`` by
+  the config's sharding rules."""
   _, state = abstract_model(cfg)
   if mesh is None:
     one = SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda _: one, nnx.to_pure_dict(state))
-  return nnx.to_pure_dict(sharding.param_shardings(state, mesh))
+  return nnx.to_pure_dict(sharding.param_shardings(state, mesh, cfg.rules))
 
 
 def _abstract_params(cfg, shardings) -> dict:
@@ -67,8 +65,8 @@ def _abstract_params(cfg, shardings) -> dict:
 def _open_trainer(path: pathlib.Path, mesh, step: int | None) -> Loaded:
   step_dir, config_file = trainer.locate(path, step)
   check_tree(step_dir)
-  config = ml_collections.ConfigDict(trainer.experiment_config(step_dir, config_file))
-  cfg = config_lib.model_config(config)
+  config = experiment(trainer.experiment_config(step_dir, config_file))
+  cfg = config.model
   params = trainer.restore_params(step_dir, _abstract_params(cfg, param_shardings(cfg, mesh)))
   number = int(step_dir.name) if step_dir.name.isdigit() else -1
   return Loaded(cfg, abstract_model(cfg)[0], params, config, number, step_dir, "trainer")
@@ -83,7 +81,7 @@ def _open_serve(path: pathlib.Path, mesh, step: int | None) -> Loaded:
     raise CheckpointNotFoundError(f"{path} is a serve checkpoint of step {number}, not the requested step {step}")
   cfg = serve.model_config(path)
   params = serve.load(path, param_shardings(cfg, mesh))
-  config = ml_collections.ConfigDict(manifest.get("experiment") or {})
+  config = experiment(manifest.get("experiment") or {}, model=cfg)
   return Loaded(cfg, abstract_model(cfg)[0], params, config, number, path, "serve")
 
 

@@ -15,12 +15,12 @@ import dataclasses
 import pathlib
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from interaction import config as config_lib
+from interaction import experiment as experiment_lib
 from interaction.ckpt import params as params_lib
 from interaction.ckpt import serve, trainer
 from interaction.ckpt.paths import check_tree
@@ -30,8 +30,8 @@ _CHUNK_BYTES = 32 << 20
 
 def model_config_of(step_path, config_file=None) -> tuple[config_lib.ModelConfig, dict]:
   """The model config and the experiment config a trainer saved with a step."""
-  experiment = trainer.experiment_config(step_path, config_file)
-  return config_lib.model_config(ml_collections.ConfigDict(experiment)), experiment
+  stored = trainer.experiment_config(step_path, config_file)
+  return experiment_lib.experiment(stored).model, stored
 
 
 class OrbaxParamReader:
