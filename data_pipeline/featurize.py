@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_pipeline import audio, record
-from interaction import layout, text
+from interaction import layout, schema, text
 
 # Per-micro-turn evaluation labels the pipeline carries (missing ones are -1).
 # The synthetic generator writes all of them; see data_pipeline/README.md.
@@ -44,8 +44,12 @@ def check_specs(specs: Sequence[layout.StreamSpec]) -> None:
     if key in seen:
       raise ValueError(f"stream {s.name!r}: only one {s.direction}put {s.kind} stream is supported")
     seen.add(key)
-    if s.kind == "audio":
-      audio.mel_config(s)
+    # The mel of digital silence must be the spec's silence (what idle slots and silent inputs hold).
+    if s.kind == "audio" and (quiet := audio.silence_value(audio.mel_config(s))) != s.silence:
+      raise ValueError(
+        f"audio stream {s.name!r}: digital silence has log-mel {quiet:.4f}, not mel_min={s.mel_min}; "
+        f"set mel_min >= log(POWER_FLOOR) = {np.log(audio.POWER_FLOOR):.4f} so silence has one value"
+      )
     if s.kind == "video" and s.patches_per_row * s.patch_size != s.frame_shape[1]:
       raise ValueError(f"video stream {s.name!r}: inconsistent frame shape")
     if s.kind == "text" and s.vocab_size < text.VOCAB_SIZE:
@@ -154,7 +158,8 @@ def heard_text(spec: layout.StreamSpec, conv: record.Conversation, first: int, n
 
 
 def window(specs: Sequence[layout.StreamSpec], conv: record.Conversation, first: int, n: int) -> dict:
-  """Features of micro-turns [first, first + n) of ``conv``: streams, first_turn, turn_mask, labels.
+  """Features of micro-turns [first, first + n) of ``conv``: the batch schema's keys (``interaction.schema``,
+  checked) and the evaluation labels.
 
   Turns past the conversation's end are padding: silence, zero frames, PAD text,
   labels -1, turn_mask 0.
@@ -186,6 +191,7 @@ def window(specs: Sequence[layout.StreamSpec], conv: record.Conversation, first:
       lab[: len(part)] = part
     labels[name] = lab
   out["labels"] = labels
+  schema.check(specs, out, batch_dims=0, turns=n)
   return out
 
 

@@ -98,6 +98,19 @@ class ModelConfig:
         return s
     raise KeyError(f"no stream named {name!r}; streams are {[s.name for s in self.streams]}")
 
+  def stream(self, kind: str, direction: str, *, optional: bool = False) -> layout.StreamSpec | None:
+    """The one stream of ``kind`` in ``direction``, e.g. ``cfg.stream("audio", "in")`` (``layout.find_stream``).
+
+    With ``optional`` a missing stream is None; a missing required one, or two that match, is a KeyError.
+    """
+    return layout.find_stream(self.streams, kind, direction, optional=optional)
+
+  def directed(self, direction: str) -> tuple[layout.StreamSpec, ...]:
+    """Every ``"in"`` or ``"out"`` stream, in config order."""
+    if direction not in layout.DIRECTIONS:
+      raise ValueError(f"direction must be one of {layout.DIRECTIONS}, got {direction!r}")
+    return tuple(s for s in self.streams if s.direction == direction)
+
 
 def streams_from_config(streams: Mapping, order) -> tuple[layout.StreamSpec, ...]:
   """StreamSpecs from ``{name: {direction, kind, slots, ...}}`` in the given order.

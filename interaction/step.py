@@ -3,7 +3,7 @@
 Dimension legend: B session slots, n slots of one stream, S_in input tokens per
 micro-turn, D d_model, V text vocabulary, C mel channels.
 
-``step(params, state, turn_inputs, rng, forced=None) -> (state, turn_outputs)``
+``step(params, state, turn_inputs, rng, forced=None) -> (state, TurnOutputs)``
 appends the input block to each slot's KV cache, then generates the output
 block slot by slot (a fixed-length loop), calling the same ``forward`` as
 training. Every shape is static, so it compiles once and runs for any number of
@@ -145,7 +145,7 @@ def step_fn(model: InteractionModel, state: StepState, turn_inputs, rng, forced=
   h_BSD, cache, _ = model.forward(x_BSD, pos_BS, state.cache)
   h_BD = h_BSD[:, -1]
   next_pos_B = pos_BS[:, -1] + 1
-  outputs = {}
+  values, logprobs, greedy = {}, {}, {}
   for index, spec in enumerate(model.order):
     if spec.direction != "out":
       continue
@@ -168,28 +168,43 @@ def step_fn(model: InteractionModel, state: StepState, turn_inputs, rng, forced=
       h_B1D, cache, _ = model.forward(x_B1D, pos_B[:, None], cache)
       return (h_B1D[:, 0], cache, pos_B + 1), (value_B, score_B)
 
-    (h_BD, cache, next_pos_B), (values, scores) = jax.lax.scan(
+    (h_BD, cache, next_pos_B), (values_nB, scores) = jax.lax.scan(
       body, (h_BD, cache, next_pos_B), (jnp.arange(spec.slots), given)
     )
-    outputs[spec.name] = jnp.swapaxes(values, 0, 1)
+    values[spec.name] = jnp.swapaxes(values_nB, 0, 1)
     if spec.kind == "text":
-      outputs[spec.name + "_logprobs"] = jnp.swapaxes(scores[0], 0, 1)
-      outputs[spec.name + "_greedy"] = jnp.swapaxes(scores[1], 0, 1).astype(jnp.int32)
-  return state._replace(cache=cache, turn=state.turn + state.active.astype(jnp.int32)), mask_idle(model, state, outputs)
+      logprobs[spec.name] = jnp.swapaxes(scores[0], 0, 1)
+      greedy[spec.name] = jnp.swapaxes(scores[1], 0, 1).astype(jnp.int32)
+  outputs = TurnOutputs(mask_idle(model, state, values), logprobs, greedy)
+  return state._replace(cache=cache, turn=state.turn + state.active.astype(jnp.int32)), outputs
 
 
-def mask_idle(model: InteractionModel, state: StepState, outputs):
-  """Silence for idle slots, so nothing downstream mistakes their values for speech."""
-  active_B = state.active
+class TurnOutputs(NamedTuple):
+  """What one tick gives back, each ``{stream name: [B, n, ...]}`` (a pytree: ``jax.tree.map`` slices rows).
+
+  ``values``: every output stream's tokens or mel frames (silence for idle slots). ``logprobs``
+  (text output streams): the log-probability of each slot's token, sampled or forced. ``greedy``
+  (text output streams): the greedy choice (``greedy_text``) at each slot, whatever was sampled.
+  """
+
+  values: dict
+  logprobs: dict
+  greedy: dict
+
+  def row(self, index) -> TurnOutputs:
+    """One slot's outputs (``index`` into the batch axis)."""
+    return jax.tree.map(lambda x: x[index], self)
+
+
+def mask_idle(model: InteractionModel, state: StepState, values):
+  """Silence for idle slots (each stream spec's ``silence``), so nothing downstream mistakes their values for speech.
+
+  Log-probs and greedy choices are left as computed: they describe the model, not what was emitted.
+  """
   masked = {}
-  for name, value in outputs.items():
-    spec = model.cfg.spec(name) if name in {s.name for s in model.cfg.streams} else None
-    if spec is None:  # logprobs / greedy choice of a text stream: leave as computed
-      masked[name] = value
-      continue
-    silent = text.PAD if spec.kind == "text" else spec.mel_min
-    keep = active_B.reshape((-1,) + (1,) * (value.ndim - 1))
-    masked[name] = jnp.where(keep, value, jnp.asarray(silent, value.dtype))
+  for name, value in values.items():
+    keep = state.active.reshape((-1,) + (1,) * (value.ndim - 1))
+    masked[name] = jnp.where(keep, value, jnp.asarray(model.cfg.spec(name).silence, value.dtype))
   return masked
 
 
@@ -202,8 +217,7 @@ class Step:
 
   def __init__(self, graphdef, cfg: ModelConfig):
     self.cfg = cfg
-    self.inputs = tuple(s for s in cfg.streams if s.direction == "in")
-    self.outputs = tuple(s for s in cfg.streams if s.direction == "out")
+    self.inputs, self.outputs = cfg.directed("in"), cfg.directed("out")
 
     def run(params, state, turn_inputs, rng, forced):
       return step_fn(nnx.merge(graphdef, params), state, turn_inputs, rng, forced)

@@ -14,11 +14,10 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from interaction import config as config_lib
-from interaction import layout, objective
+from interaction import objective, schema
 from interaction.ckpt import trainer as checkpoint
 from interaction.model import InteractionModel
 
@@ -132,10 +131,9 @@ def make_model(cfg, seed: int = 0):
 
 
 def random_batch(cfg, batch: int, turns: int, seed: int = 0, first_turn=None) -> dict:
-  """Random stream arrays [batch, turns, slots, ...] and ``first_turn``, shaped as the model reads them."""
-  out = layout.random_streams(cfg.streams, (batch, turns), seed)
-  out["first_turn"] = np.zeros(batch, np.int32) if first_turn is None else np.asarray(first_turn, np.int32)
-  return out
+  """A [batch, turns] batch of the schema's required keys (``schema.random_batch``): random streams,
+  ``first_turn``, an all-real ``turn_mask``."""
+  return schema.random_batch(cfg.streams, batch, turns, seed, first_turn)
 
 
 def loss_fn(graphdef):

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from interaction import objective, sharding
+from interaction import objective, schema, sharding
 from interaction.ckpt.params import abstract_model
 from interaction.config import ModelConfig
 from interaction.experiment import TrainConfig
@@ -109,16 +109,9 @@ def check_batch_size(batch_size: int, mesh, rules: sharding.Rules) -> None:
     )
 
 
-OPTIONAL_TARGETS = ("heard",)  # training-only targets (objective.listen_loss)
-
-
 def model_batch(cfg: ModelConfig, batch) -> dict:
-  """The keys of a pipeline batch that the model reads."""
-  keys = [s.name for s in cfg.streams] + ["first_turn", "turn_mask"]
-  missing = [k for k in keys if k not in batch]
-  if missing:
-    raise ValueError(f"batch is missing {missing}; it has {sorted(batch)}")
-  return {k: batch[k] for k in keys + [k for k in OPTIONAL_TARGETS if k in batch]}
+  """The keys of a pipeline batch that the model reads (``schema.select``)."""
+  return schema.select(cfg.streams, batch)
 
 
 def create(cfg: ModelConfig, tc: TrainConfig, mesh, seed: int = 0):

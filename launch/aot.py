@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from interaction import config as config_lib
-from interaction import flops, layout, sharding, train_step
+from interaction import flops, layout, schema, sharding, train_step
 from interaction import step as step_lib
 from interaction.ckpt import abstract_model
 from launch import cli
@@ -59,15 +59,10 @@ def _sds(tree, shardings):
 
 
 def abstract_batch(cfg, batch_size: int, window_turns: int, mesh) -> dict:
-  """The model's training batch as sharded ShapeDtypeStructs."""
+  """The model's training batch (``schema.shapes``, training-only targets included) as sharded ShapeDtypeStructs."""
   bsh = train_step.batch_sharding(mesh)
-  out = {
-    s.name: jax.ShapeDtypeStruct((batch_size, window_turns, s.slots, *s.value_shape), s.dtype, sharding=bsh)
-    for s in cfg.streams
-  }
-  out["first_turn"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=bsh)
-  out["turn_mask"] = jax.ShapeDtypeStruct((batch_size, window_turns), jnp.float32, sharding=bsh)
-  return out
+  shapes = schema.shapes(cfg.streams, batch_size, window_turns)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=bsh) for k, (shape, dtype) in shapes.items()}
 
 
 def lower_train(config, mesh):
@@ -111,9 +106,7 @@ def lower_serve(config, mesh):
   state = _sds(state_shape, state_sh)
   bsh = NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), mesh)[0]))
   inputs = {
-    s.name: jax.ShapeDtypeStruct((slots, s.slots, *s.value_shape), s.dtype, sharding=bsh)
-    for s in cfg.streams
-    if s.direction == "in"
+    s.name: jax.ShapeDtypeStruct((slots, s.slots, *s.value_shape), s.dtype, sharding=bsh) for s in cfg.directed("in")
   }
   rng = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=NamedSharding(mesh, P()))
