@@ -59,8 +59,7 @@ class CheckpointBackground:
     self.cfg = self.loaded.cfg
     self.step = step_lib.Step(self.loaded.graphdef, self.cfg)
     self.max_turns, self.silent_turns, self.rng = max_turns, silent_turns, jax.random.key(seed)
-    self.text_in = next(s for s in self.cfg.streams if s.direction == "in" and s.kind == "text")
-    self.text_out = next(s for s in self.cfg.streams if s.direction == "out" and s.kind == "text")
+    self.text_in, self.text_out = self.cfg.stream("text", "in"), self.cfg.stream("text", "out")
 
   def _silence(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     out = silent_inputs(self.cfg, 1)
@@ -79,7 +78,7 @@ class CheckpointBackground:
     spoke, quiet = False, 0
     for _ in range(self.max_turns):
       state, out = self.step(self.loaded.params, state, self._silence(np.zeros(0, np.int32)), self.rng)
-      ids = np.asarray(out[self.text_out.name])[0]
+      ids = np.asarray(out.values[self.text_out.name])[0]
       said = ids[ids < text.NUM_BYTES]
       if len(said):
         spoke, quiet = True, 0
@@ -91,15 +90,8 @@ class CheckpointBackground:
 
 
 def silent_inputs(cfg, batch: int) -> dict[str, np.ndarray]:
-  """Every input stream silent: lowest mel value, black frames, PAD text. Shapes [batch, slots, ...]."""
-  out = {}
-  for spec in cfg.streams:
-    if spec.direction != "in":
-      continue
-    shape = (batch, spec.slots, *spec.value_shape)
-    fill = spec.mel_min if spec.kind == "audio" else text.PAD if spec.kind == "text" else 0
-    out[spec.name] = np.full(shape, fill, spec.dtype)
-  return out
+  """Every input stream silent (``StreamSpec.silence``: lowest mel value, black frames, PAD text); [batch, slots, ...]."""
+  return {s.name: np.full((batch, s.slots, *s.value_shape), s.silence, s.dtype) for s in cfg.directed("in")}
 
 
 class BackgroundWorker:

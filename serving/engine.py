@@ -108,11 +108,10 @@ class Engine:
     self.tools, self.background = tools, background
     self.sessions: dict[int, Session] = {}
     self._ids = itertools.count()
-    self.in_specs = [s for s in cfg.streams if s.direction == "in"]
-    text_in = [s for s in self.in_specs if s.kind == "text"]
-    text_out = [s for s in cfg.streams if s.direction == "out" and s.kind == "text"]
-    self.text_in = text_in[0].name if text_in else None
-    self.text_out = text_out[0].name if text_out else None
+    self.in_specs = cfg.directed("in")
+    text_in, text_out = cfg.stream("text", "in", optional=True), cfg.stream("text", "out", optional=True)
+    self.text_in = text_in.name if text_in else None
+    self.text_out = text_out.name if text_out else None
 
   @classmethod
   def from_loaded(cls, loaded, *, slots: int, **kw) -> Engine:
@@ -208,24 +207,25 @@ class Engine:
         break
       row_n[i] = session.pending.popleft()
 
-  def tick(self, inputs: Mapping[int, Mapping[str, np.ndarray]] | None = None) -> dict[int, dict[str, np.ndarray]]:
+  def tick(self, inputs: Mapping[int, Mapping[str, np.ndarray]] | None = None) -> dict[int, step_lib.TurnOutputs]:
     """One micro-turn for every live session; missing streams are silence.
 
     ``inputs`` maps session ids to ``{stream: [slots, ...]}``. Returns per session
-    its outputs (``text_out``, ``audio_out``, ``text_out_logprobs``, ...) and the
-    ``text_in`` it was actually fed (call results included).
+    its row of the step's ``TurnOutputs`` (host arrays), whose ``values`` also hold
+    the ``text_in`` it was actually fed (call results included).
     """
     batch = self._inputs(inputs or {})
     self.state, out = self.step(self.params, self.state, batch, self.rng)
     out = jax.device_get(out)
     results = {}
     for sid, session in self.sessions.items():
-      mine = {k: v[session.slot] for k, v in out.items()}
+      mine = out.row(session.slot)
       if self.text_in is not None:
-        mine[self.text_in] = batch[self.text_in][session.slot]
-        session.context.extend(mine[self.text_in][mine[self.text_in] != text.PAD].tolist())
+        fed = batch[self.text_in][session.slot]
+        mine = mine._replace(values={**mine.values, self.text_in: fed})
+        session.context.extend(fed[fed != text.PAD].tolist())
       if self.text_out is not None:
-        said = mine[self.text_out]
+        said = mine.values[self.text_out]
         session.context.extend(said[said != text.PAD].tolist())
         for kind, request in session.parser.feed(said):
           self._submit(session, kind, request)

@@ -65,7 +65,7 @@ def test_64_sessions_joining_and_leaving_over_1000_ticks_compile_the_step_once()
     if tick == 20:
       warm = len(compiles)  # the step, the slot update and the first transfers are compiled by now
     for o in out.values():
-      assert o["text_out"].shape == (cfg.spec("text_out").slots,)
+      assert o.values["text_out"].shape == (cfg.spec("text_out").slots,)
   print(
     f"\n{joined} sessions joined, {len(turns_seen)} left (median {np.median(turns_seen):.0f} ticks); "
     f"compilations after tick 20: {len(compiles) - warm}"
@@ -79,7 +79,7 @@ def run_session(engine, sid, inputs, ticks):
   outs = []
   for t in range(ticks):
     outs.append(engine.tick({s: inputs[s][t] for s in engine.sessions})[sid])
-  return {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+  return jax.tree.map(lambda *x: np.stack(x), *outs)
 
 
 def test_a_session_with_31_neighbours_equals_the_session_alone():
@@ -98,12 +98,12 @@ def test_a_session_with_31_neighbours_equals_the_session_alone():
   alone_engine = Engine(cfg, graphdef, params, slots=1, cache_tokens=cfg.attention_window)
   alone_me = alone_engine.join(Sampling(temperature=temperature, seed=7))
   alone = run_session(alone_engine, alone_me.id, {alone_me.id: mine}, ticks)
-  dev = float(np.abs(together["text_out_logprobs"] - alone["text_out_logprobs"]).max())
-  bitwise = bool(np.array_equal(together["text_out_logprobs"], alone["text_out_logprobs"]))
+  dev = float(np.abs(together.logprobs["text_out"] - alone.logprobs["text_out"]).max())
+  bitwise = bool(np.array_equal(together.logprobs["text_out"], alone.logprobs["text_out"]))
   print(f"\nslot {me.slot} of 32 vs alone, temperature {temperature}: bitwise {bitwise}, max |dlogp| {dev:.3g}")
-  np.testing.assert_array_equal(together["text_out"], alone["text_out"])
+  np.testing.assert_array_equal(together.values["text_out"], alone.values["text_out"])
   assert dev <= 1e-5
-  np.testing.assert_allclose(together["audio_out"], alone["audio_out"], atol=1e-4)
+  np.testing.assert_allclose(together.values["audio_out"], alone.values["audio_out"], atol=1e-4)
 
 
 def test_idle_slots_are_frozen_and_silent():
@@ -118,8 +118,8 @@ def test_idle_slots_are_frozen_and_silent():
   assert np.asarray(engine.state.turn).tolist() == [0, 3]  # the idle slot does not advance
   state, raw = engine.step(engine.params, engine.state, engine._inputs({}), engine.rng)
   engine.state = state
-  assert (np.asarray(raw["text_out"])[0] == text.PAD).all()
-  assert (np.asarray(raw["audio_out"])[0] == cfg.spec("audio_out").mel_min).all()
+  assert (np.asarray(raw.values["text_out"])[0] == text.PAD).all()
+  assert (np.asarray(raw.values["audio_out"])[0] == cfg.spec("audio_out").mel_min).all()
 
 
 def test_bad_requests_raise_clear_errors():

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline import featurize
-from interaction import text
+from interaction import layout, text
 from serving import calls, media, protocol
 
 STARTS = (text.TOOL_CALL_START, text.DELEGATE_START)
@@ -101,16 +101,17 @@ def test_a_character_split_across_ticks_is_said_whole():
 
 
 def test_the_model_speaks_when_two_frames_are_voiced():
+  spec = layout.StreamSpec("audio_out", "out", "audio", 5, mel_channels=8, mel_levels=16, mel_min=-11.5, mel_max=2.5)
   silent = np.full((3, 5, 8), -11.5, np.float32)
   one, two = silent.copy(), silent.copy()
   one[1, 2, 3] = 0.0
-  two[2, [0, 4], 1] = media.SPEECH_LEVEL + 0.01
-  assert media.speaking(silent).tolist() == [False] * 3
-  assert media.speaking(one).tolist() == [False] * 3
-  assert media.speaking(two).tolist() == [False, False, True]
+  two[2, [0, 4], 1] = spec.voice_level + 0.01
+  assert media.speaking(silent, spec).tolist() == [False] * 3
+  assert media.speaking(one, spec).tolist() == [False] * 3
+  assert media.speaking(two, spec).tolist() == [False, False, True]
   at_level = silent.copy()
-  at_level[0, :, 0] = media.SPEECH_LEVEL  # not above it
-  assert not media.speaking(at_level)[0]
+  at_level[0, :, 0] = spec.voice_level  # not above it
+  assert not media.speaking(at_level, spec)[0]
 
 
 def test_user_speech_energy_threshold():

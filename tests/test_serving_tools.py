@@ -24,8 +24,8 @@ def tick_until_closed(engine, session, call, user_text=None, max_ticks=200, paus
     given = random_inputs(engine.cfg, t)
     given["text_in"] = np.full(4, text.PAD, np.int32) if user_text is None else user_text
     out = engine.tick({session.id: given})[session.id]
-    fed.append(out["text_in"])
-    assert out["text_out"].shape == (4,)  # the model spoke a full block every tick
+    fed.append(out.values["text_in"])
+    assert out.values["text_out"].shape == (4,)  # the model spoke a full block every tick
     if call.closed and not session.pending:  # closed = end marker queued; then it must be fed
       return np.stack(fed)
     time.sleep(pause)

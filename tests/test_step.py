@@ -24,7 +24,7 @@ def run_ticks(step, params, state, cfg, streams, turns, forced=True, rng=None):
     given = {s.name: streams[s.name][:, t] for s in cfg.streams if s.direction == "out"} if forced else None
     state, out = step(params, state, inputs_at(cfg, streams, t), rng, given)
     outs.append(jax.tree.map(np.asarray, out))
-  return state, {k: np.stack([o[k] for o in outs], axis=1) for k in outs[0]}
+  return state, jax.tree.map(lambda *x: np.stack(x, axis=1), *outs)
 
 
 def test_teacher_forced_step_equals_training_forward():
@@ -34,7 +34,7 @@ def test_teacher_forced_step_equals_training_forward():
   ref = jax.jit(lambda p, b: objective.window_outputs(nnx.merge(graphdef, p), b, jax.random.key(0)))(params, batch)
   step = step_lib.Step(graphdef, cfg)
   _, got = run_ticks(step, params, step_lib.init_state(cfg, 2, cfg.attention_window), cfg, batch, TURNS)
-  lp_step, lp_train = got["text_out_logprobs"], np.asarray(ref["text_out"])
+  lp_step, lp_train = got.logprobs["text_out"], np.asarray(ref["text_out"])
   diff = np.abs(lp_step - lp_train).max()
   bitwise = np.mean(lp_step == lp_train)
   print(f"\nstep vs forward: max |dlogp| = {diff:.3g}, bitwise equal fraction = {bitwise:.3f}")
@@ -51,13 +51,13 @@ def test_free_running_step_is_what_the_forward_would_sample():
   state = step_lib.init_state(cfg, 2, cfg.attention_window, temperature=0.0)
   rng = jax.random.key(7)
   _, got = run_ticks(step, params, state, cfg, batch, 8, forced=False, rng=rng)
-  window = dict(batch, text_out=got["text_out"], audio_out=got["audio_out"])
+  window = dict(batch, text_out=got.values["text_out"], audio_out=got.values["audio_out"])
   model = nnx.merge(graphdef, params)
   x = model.embed_window({s.name: window[s.name] for s in cfg.streams}, window["first_turn"], 8)
   h, _, _ = model.forward(x, model.window_positions(window["first_turn"], 8))
   h_text = h[:, model.prediction_index("text_out", 8)]
   greedy = step_lib.greedy_text(model.text_logits(h_text).reshape(-1, cfg.spec("text_out").vocab_size))
-  np.testing.assert_array_equal(np.asarray(greedy).reshape(got["text_out"].shape), got["text_out"])
+  np.testing.assert_array_equal(np.asarray(greedy).reshape(got.values["text_out"].shape), got.values["text_out"])
   h_audio = h[:, model.prediction_index("audio_out", 8)]
   index = [s.name for s in model.order].index("audio_out")
   for t in range(8):
@@ -67,7 +67,7 @@ def test_free_running_step_is_what_the_forward_would_sample():
       keys = step_lib.slot_keys(rng, fake, index, j)
       noise = step_lib.flow_noise(keys, cfg.spec("audio_out").mel_channels, jnp.zeros(2))
       mel = model.flow_heads["audio_out"].sample(h_audio[:, t, j], noise, cfg.flow_steps)
-      np.testing.assert_allclose(got["audio_out"][:, t, j], mel, atol=1e-4)
+      np.testing.assert_allclose(got.values["audio_out"][:, t, j], mel, atol=1e-4)
 
 
 def test_step_compiles_once_over_300_ticks_with_ring_wrap():
@@ -102,7 +102,7 @@ def test_ring_buffer_step_equals_sliding_window_forward():
   ref = jax.jit(lambda p, b: objective.window_outputs(nnx.merge(graphdef, p), b, jax.random.key(0)))(params, batch)
   step = step_lib.Step(graphdef, cfg)
   _, got = run_ticks(step, params, step_lib.init_state(cfg, 1, 51), cfg, batch, 10)
-  np.testing.assert_allclose(got["text_out_logprobs"], ref["text_out"], atol=1e-5)
+  np.testing.assert_allclose(got.logprobs["text_out"], ref["text_out"], atol=1e-5)
 
 
 def test_reset_slot_restarts_a_session():
@@ -114,7 +114,7 @@ def test_reset_slot_restarts_a_session():
   state = step_lib.reset_slots(state, np.array([True, False]))
   assert state.turn.tolist() == [0, 3]
   _, again = run_ticks(step, params, state, cfg, batch, 1)
-  np.testing.assert_allclose(again["text_out_logprobs"][0, 0], first["text_out_logprobs"][0, 0], atol=1e-6)
+  np.testing.assert_allclose(again.logprobs["text_out"][0, 0], first.logprobs["text_out"][0, 0], atol=1e-6)
 
 
 def test_bad_turn_inputs_raise_before_device_work():

@@ -65,9 +65,7 @@ def conversation_streams(cfg, conv: record.Conversation) -> dict:
   reaches the model as audio only. Tool and background results come from the runtime, live.
   """
   feats = featurize.window(cfg.streams, conv, 0, conv.num_turns)
-  for spec in cfg.streams:
-    if spec.direction != "in":
-      continue
+  for spec in cfg.directed("in"):
     if spec.kind == "text":
       typed = [e for e in conv.events if e.kind == "user_text"]
       feats["client_" + spec.name] = featurize.layout_text(typed, conv.num_turns, spec.slots)
@@ -88,9 +86,8 @@ def ref_calls(conv: record.Conversation) -> dict:
 
 def oracle_transcript(cfg, conv, feats) -> scores.Transcript:
   """The recorded model streams as a transcript (calls parsed from text_out, results from the cues)."""
-  text_out = next(s.name for s in cfg.streams if s.kind == "text" and s.direction == "out")
-  audio_out = next(s.name for s in cfg.streams if s.kind == "audio" and s.direction == "out")
-  text_in = next(s.name for s in cfg.streams if s.kind == "text" and s.direction == "in")
+  text_out, text_in = cfg.stream("text", "out").name, cfg.stream("text", "in").name
+  audio_out = cfg.stream("audio", "out")
   parser, calls = MarkerParser(), []
   cue = feats["labels"]["cue"]
   for t, row in enumerate(feats[text_out]):
@@ -102,17 +99,18 @@ def oracle_transcript(cfg, conv, feats) -> scores.Transcript:
     conv.meta.get("task", ""),
     feats["labels"],
     feats[text_out],
-    feats[audio_out],
+    feats[audio_out.name],
     feats[text_in],
     calls,
     ref_calls(conv),
     ref_words(conv),
+    audio_out,
   )
 
 
 def stream_through_engine(engine, cfg, convs, sampling, progress: bool = True) -> list[scores.Transcript]:
   """Run every conversation as a session; sessions join as slots free up, leave at their last turn."""
-  in_names = [s.name for s in cfg.streams if s.direction == "in"]
+  in_names = [s.name for s in cfg.directed("in")]
   queue = list(range(len(convs)))
   live, done = {}, {}  # session id -> (conversation index, features, per-turn outputs)
   ticks, t0 = 0, time.perf_counter()
@@ -143,18 +141,19 @@ def stream_through_engine(engine, cfg, convs, sampling, progress: bool = True) -
 
 
 def _transcript(cfg, conv, feats, outs, session) -> scores.Transcript:
-  names = {(s.kind, s.direction): s.name for s in cfg.streams}
-  stack = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+  stack = {k: np.stack([o.values[k] for o in outs]) for k in outs[0].values}
+  audio_out = cfg.stream("audio", "out")
   calls = [scores.CallRecord(c.kind, c.request, c.tick, c.first_tick, c.result, c.error) for c in session.calls]
   return scores.Transcript(
     conv.meta.get("task", ""),
     feats["labels"],
-    stack[names["text", "out"]],
-    stack[names["audio", "out"]],
-    stack[names["text", "in"]],
+    stack[cfg.stream("text", "out").name],
+    stack[audio_out.name],
+    stack[cfg.stream("text", "in").name],
     calls,
     ref_calls(conv),
     ref_words(conv),
+    audio_out,
   )
 
 

@@ -13,23 +13,24 @@ import jax
 import numpy as np
 
 from interaction import step as step_lib
-from interaction import text
 
 
 def replay_batch(step, cfg, params, batch, cache_tokens: int):
-  """Greedy choices [B, N, slots] and target log-probs for one batch of whole conversations."""
+  """Greedy choices [B, N, slots] and target log-probs of the text output stream for one batch of whole
+  conversations."""
   if np.any(batch["first_turn"] != 0):
     raise ValueError("replay needs windows that start at micro-turn 0 of their conversation")
-  ins = [s.name for s in cfg.streams if s.direction == "in"]
-  outs = [s.name for s in cfg.streams if s.direction == "out"]
+  text_out = cfg.stream("text", "out").name
   b, n = batch["turn_mask"].shape
   state = step_lib.init_state(cfg, b, cache_tokens, temperature=0.0)
   greedy, logps = [], []
   for t in range(n):
-    forced = {k: batch[k][:, t] for k in outs}
-    state, out = step(params, state, {k: batch[k][:, t] for k in ins}, jax.random.key(0), forced)
-    greedy.append(np.asarray(out["text_out_greedy"]))
-    logps.append(np.asarray(out["text_out_logprobs"]))
+    forced = {s.name: batch[s.name][:, t] for s in cfg.directed("out")}
+    state, out = step(
+      params, state, {s.name: batch[s.name][:, t] for s in cfg.directed("in")}, jax.random.key(0), forced
+    )
+    greedy.append(np.asarray(out.greedy[text_out]))
+    logps.append(np.asarray(out.logprobs[text_out]))
   return np.stack(greedy, 1), np.stack(logps, 1)
 
 
@@ -55,10 +56,11 @@ def replay(cfg, graphdef, params, batches, *, cache_tokens: int) -> dict[int, di
     if batch is None:
       continue
     greedy, logp = replay_batch(step, cfg, params, batch, cache_tokens)
-    target = batch["text_out"]
+    spec = cfg.stream("text", "out")
+    target = batch[spec.name]
     mask = np.broadcast_to(batch["turn_mask"][..., None] > 0, target.shape)
     right = greedy == target
-    spoken, silent = mask & (target != text.PAD), mask & (target == text.PAD)
+    spoken, silent = mask & ~spec.silent(target), mask & spec.silent(target)
     for row, task in enumerate(batch["labels"]["task"][:, 0].tolist()):
       if task < 0:
         continue
