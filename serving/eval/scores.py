@@ -3,8 +3,8 @@
 Dimension legend: N micro-turns of a conversation, n slots of a stream, C mel channels.
 
 Everything is on the micro-turn grid (0.2 s). The model is *active* in a micro-turn
-when its voice is on (at least ``VOICED_FRAMES`` of its ``audio_out`` frames have
-a mel channel above ``VOICE_LEVEL``) or its ``text_out`` holds spoken bytes
+when its voice is on (``StreamSpec.voiced`` of its ``audio_out`` spec: at least
+``layout.VOICED_FRAMES`` frames with a mel channel above its ``voice_level``) or its ``text_out`` holds spoken bytes
 (bytes outside tool/delegate markers). Times are measured from the end of the
 micro-turn holding a user event (the first moment the model could have seen
 all of it) or, for onsets, from the start of that micro-turn:
@@ -39,8 +39,6 @@ from data_pipeline import script
 from interaction import text
 from interaction.layout import MICRO_TURN_SECONDS
 
-VOICE_LEVEL = -4.0  # log-mel; silence is mel_min (-11.5 for tiny), voiced frames of the tones reach ~+2
-VOICED_FRAMES = 2  # of the micro-turn's mel frames
 REACT_TURNS = 10  # 2 s to react to a cue
 SILENT_RUN = 2  # inactive turns before an active one that make it an onset
 STOP_TURNS = 5  # an interruption is honoured when the model falls silent within 1 s
@@ -84,14 +82,18 @@ class Transcript:
   calls: list
   ref_calls: dict  # "tool" / "background" -> recorded request text
   ref_words: list = dataclasses.field(default_factory=list)  # (turn, word) the model should say, in order
+  audio_spec: object = None  # the audio_out StreamSpec: its ``voiced`` decides when the voice is on
 
   @property
   def num_turns(self) -> int:
     return len(self.labels["task"])
 
 
-def voiced(audio_out_NnC) -> np.ndarray:
-  return (audio_out_NnC.max(axis=-1) > VOICE_LEVEL).sum(axis=-1) >= VOICED_FRAMES
+def voiced(tr: Transcript) -> np.ndarray:
+  """[N] bool: the micro-turns in which the model's voice is on."""
+  if tr.audio_spec is None:
+    raise ValueError("Transcript.audio_spec is unset: pass the audio_out StreamSpec (its voiced() is the rule)")
+  return tr.audio_spec.voiced(tr.audio_out)
 
 
 def spoken_words(text_out_Nn) -> list[tuple[int, str]]:
@@ -137,7 +139,7 @@ def spoken_turns(text_out_Nn) -> np.ndarray:
 
 
 def model_active(tr: Transcript) -> np.ndarray:
-  return voiced(tr.audio_out) | spoken_turns(tr.text_out)
+  return voiced(tr) | spoken_turns(tr.text_out)
 
 
 def _cues(tr: Transcript, name: str) -> np.ndarray:
