@@ -27,6 +27,7 @@ from interaction.ckpt.paths import UnsafePathError  # noqa: E402
 from interaction.ckpt.safetensors_io import SafetensorsFile  # noqa: E402
 from launch import evaluate as evaluate_job  # noqa: E402
 from serving.eval import scores  # noqa: E402
+from tests.helpers import serve_a_session  # noqa: E402
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -206,7 +207,8 @@ def test_pickle_weights_and_escaping_paths_are_refused(hf_model, tmp_path):
 
 
 def test_the_imported_model_opens_and_the_evaluation_job_runs_on_it(tmp_path):
-  """What ``launch.convert hf-to-interaction`` writes is a model ``open_model`` and the evaluation job open."""
+  """What ``launch.convert hf-to-interaction`` writes is a model ``open_model``, the evaluation job and the live
+  server open."""
   torch.manual_seed(0)
   # A 512-token attention window: the step's cache must hold the whole window, and 512 keeps the ticks cheap.
   transformers.Qwen3MoeForCausalLM(qwen3(norm_topk_prob=True, max_position_embeddings=512)).save_pretrained(
@@ -231,6 +233,12 @@ def test_the_imported_model_opens_and_the_evaluation_job_runs_on_it(tmp_path):
   assert evaluate_job.main([*map(str, args), "--output", str(tmp_path / "eval")]) == 0
   report = json.loads((tmp_path / "eval" / "report.json").read_text())
   assert sum(report["conversations"].values()) == 7 and set(scores.TARGETS) <= set(report["figures"])
+
+  # The live server serves it: one WebSocket session of a few ticks gets the model's frames back.
+  got = serve_a_session(tmp_path / "ours", ticks=3)
+  assert got["started"]["type"] == "session.started" and [t["turn"] for t in got["ticks"]] == [0, 1, 2]
+  assert len(got["audio"]) == 3 and all(len(a) == 1 + 2 * 3200 and a[0] == 0x01 for a in got["audio"])
+  assert got["returncode"] == 0
 
   # A source window longer than the experiment's cache: the stored serving cache covers the window.
   transformers.Qwen3MoeForCausalLM(qwen3(max_position_embeddings=2048)).save_pretrained(tmp_path / "hf_long")

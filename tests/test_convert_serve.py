@@ -24,7 +24,7 @@ from interaction.ckpt import train_to_serve
 from interaction.ckpt import trainer as checkpoint
 from interaction.ckpt.paths import UnsafePathError
 from launch import evaluate as evaluate_job
-from tests.helpers import random_batch
+from tests.helpers import random_batch, serve_a_session
 
 ROOT = pathlib.Path(__file__).parent.parent
 REFUSED = (serve_checkpoint.ServeCheckpointError, UnsafePathError)
@@ -64,7 +64,7 @@ def run_ticks(step, params, cfg, batch, ticks):
     forced = {s.name: batch[s.name][:, t] for s in cfg.streams if s.direction == "out"}
     state, out = step(params, state, inputs, jax.random.key(0), forced)
     outs.append(jax.device_get(out))
-  return {k: np.stack([o[k] for o in outs], 1) for k in outs[0]}
+  return jax.tree.map(lambda *x: np.stack(x, 1), *outs)
 
 
 def test_train_to_serve_then_step_on_another_mesh_matches(trained, tmp_path):
@@ -88,10 +88,10 @@ def test_train_to_serve_then_step_on_another_mesh_matches(trained, tmp_path):
   want = run_ticks(step, restored, cfg, batch, 3)
   with jax.set_mesh(mesh):
     got = run_ticks(step_lib.Step(graphdef, cfg), served, cfg, batch, 3)
-  diff = np.abs(got["text_out_logprobs"] - want["text_out_logprobs"]).max()
+  diff = np.abs(got.logprobs["text_out"] - want.logprobs["text_out"]).max()
   print(f"\nserve (data=1, expert=2) vs trainer checkpoint (1 device): max |dlogp| = {diff:.2e}")
   assert diff <= 1e-5
-  np.testing.assert_array_equal(got["text_out_greedy"], want["text_out_greedy"])
+  np.testing.assert_array_equal(got.greedy["text_out"], want.greedy["text_out"])
 
 
 def test_cast_to_bfloat16_is_exact_per_array(trained, tmp_path):
@@ -235,3 +235,18 @@ def test_open_model_reads_both_layouts_alike_and_the_evaluation_job_runs_on_the_
   trained_report = evaluate_cli(workdir, eval_data, tmp_path / "eval_trainer")
   assert sum(served["conversations"].values()) == 7 and served["checkpoint"] == str(tmp_path / "serve")
   assert served["figures"] == trained_report["figures"]
+
+
+def test_the_live_server_serves_what_train_to_serve_writes(trained, tmp_path):
+  """``launch.convert train-to-serve``'s output, served by ``launch.serve`` (through ``open_model``): one
+  WebSocket session of a few ticks gets the model's audio frames and tick events back."""
+  _, _, _, workdir = trained
+  out = convert_cli("train-to-serve", "--src", workdir, "--dst", tmp_path / "serve")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert serve_checkpoint.is_serve_checkpoint(tmp_path / "serve")
+  got = serve_a_session(tmp_path / "serve", ticks=3)
+  assert got["started"]["type"] == "session.started"
+  assert [t["turn"] for t in got["ticks"]] == [0, 1, 2]
+  # One PCM16 frame of the model's voice per tick: the type byte and 200 ms of 16 kHz samples.
+  assert len(got["audio"]) == 3 and all(len(a) == 1 + 2 * 3200 and a[0] == 0x01 for a in got["audio"])
+  assert got["returncode"] == 0
