@@ -15,6 +15,7 @@ not fit; ``--json`` adds one JSON line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,10 +32,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from interaction import config as config_lib
 from interaction import flops, layout, schema, sharding, train_step
 from interaction import step as step_lib
 from interaction.ckpt import abstract_model
+from interaction.experiment import ExperimentConfig, experiment
 from launch import cli
 from launch.topology import GIB, known_topologies, parse_topology, topology_devices, topology_mesh
 
@@ -60,14 +61,14 @@ def _sds(tree, shardings):
 
 def abstract_batch(cfg, batch_size: int, window_turns: int, mesh) -> dict:
   """The model's training batch (``schema.shapes``, training-only targets included) as sharded ShapeDtypeStructs."""
-  bsh = train_step.batch_sharding(mesh)
+  bsh = train_step.batch_sharding(mesh, cfg.rules)
   shapes = schema.shapes(cfg.streams, batch_size, window_turns)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=bsh) for k, (shape, dtype) in shapes.items()}
 
 
-def lower_train(config, mesh):
+def lower_train(config: ExperimentConfig, mesh):
   """The jitted train step lowered on abstract state and batch; returns ``(lowered, inputs)``."""
-  cfg, tc = config_lib.model_config(config), config.train
+  cfg, tc = config.model, config.train
   graphdef, state, shardings = train_step.abstract_create(cfg, tc, mesh)
   step = train_step.make_train_step(graphdef, cfg, tc, mesh, shardings)
   batch = abstract_batch(cfg, config.data.batch_size, config.data.window_turns, mesh)
@@ -75,26 +76,15 @@ def lower_train(config, mesh):
     return step.jitted.lower(state, batch), (state, batch)
 
 
-def serve_state_shardings(state, mesh):
-  """Session slots over the batch axes, kv heads over tensor; the rest replicated."""
-
-  def spec(x):
-    if x.ndim == 5:  # [L, B, K, C, E] kv cache
-      return sharding.logical_to_spec(("layers", "batch", "kv_heads", "cache", "head_dim"), mesh)
-    return sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), mesh)
-
-  return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), state)
-
-
-def lower_serve(config, mesh):
+def lower_serve(config: ExperimentConfig, mesh):
   """The micro-turn step for ``serve.slots`` sessions of ``serve.cache_tokens``, params in ``model.dtype``.
 
   Returns ``(lowered, inputs)``.
   """
-  cfg = config_lib.model_config(config)
+  cfg = config.model
   slots, cache_tokens = config.serve.slots, config.serve.cache_tokens
   graphdef, abs_state = abstract_model(cfg)
-  param_sh = nnx.to_pure_dict(sharding.param_shardings(abs_state, mesh))
+  param_sh = nnx.to_pure_dict(sharding.param_shardings(abs_state, mesh, cfg.rules))
   serve_dtype = jnp.dtype(cfg.dtype)
 
   def cast(x):  # serving holds weights in the compute dtype
@@ -102,9 +92,10 @@ def lower_serve(config, mesh):
 
   params = _sds(jax.tree.map(cast, nnx.to_pure_dict(abs_state)), param_sh)
   state_shape = jax.eval_shape(lambda: step_lib.init_state(cfg, slots, cache_tokens))
-  state_sh = serve_state_shardings(state_shape, mesh)
+  # The state declares its logical axes (step.STATE_AXES); the rules place them.
+  state_sh = sharding.tree_shardings(state_shape, step_lib.STATE_AXES, mesh, cfg.rules)
   state = _sds(state_shape, state_sh)
-  bsh = NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), mesh)[0]))
+  bsh = train_step.batch_sharding(mesh, cfg.rules)
   inputs = {
     s.name: jax.ShapeDtypeStruct((slots, s.slots, *s.value_shape), s.dtype, sharding=bsh) for s in cfg.directed("in")
   }
@@ -119,32 +110,28 @@ def lower_serve(config, mesh):
     return jitted.lower(params, state, inputs, rng), (params, state, inputs, rng)
 
 
-def model_flops_per_chip(config, job: str, chips: int) -> float:
+def model_flops_per_chip(config: ExperimentConfig, job: str, chips: int) -> float:
   """Analytic model FLOPs per step per chip (train: 3x forward; serve: forward of one micro-turn)."""
-  cfg = config_lib.model_config(config)
+  cfg = config.model
   if job == "train":
     return flops.train_flops_per_window(cfg, config.data.window_turns) * config.data.batch_size / chips
   return flops.serve_flops_per_tick(cfg, config.serve.slots, config.serve.cache_tokens) / chips
 
 
-def report(config, topology: str, job: str = "train", mesh_axes: dict | None = None) -> dict:
+def report(config: ExperimentConfig, topology: str, job: str = "train", mesh_axes: dict | None = None) -> dict:
   """Compile ``job`` for ``topology`` and return the per-chip memory, FLOPs and roofline figures."""
   if job not in ("train", "serve"):
     raise ValueError(f"job must be 'train' or 'serve', got {job!r}")
   topo = parse_topology(topology)
   devices = topology_devices(topo)
   if mesh_axes is None:
-    section = config.serve if job == "serve" else config
-    mesh_axes = dict(section.get("mesh") or config.mesh)
+    mesh_axes = (config.serve_mesh if job == "serve" else config.mesh).axes()
   mesh = topology_mesh(mesh_axes, devices)
-  if config.model.get("gmm_impl", "auto") == "auto":
+  if config.model.gmm_impl == "auto":
     # "auto" resolves by jax's default backend, which is the CPU here; the target is a TPU.
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.model.gmm_impl = "ragged_dot"
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, gmm_impl="ragged_dot"))
   t = time.perf_counter()
-  with sharding.rules(config.get("rules")):
-    lowered, inputs = lower_train(config, mesh) if job == "train" else lower_serve(config, mesh)
+  lowered, inputs = lower_train(config, mesh) if job == "train" else lower_serve(config, mesh)
   error = None
   try:
     compiled = lowered.compile()
@@ -156,7 +143,7 @@ def report(config, topology: str, job: str = "train", mesh_axes: dict | None = N
   args, out, alias, temp, code, xla_flops, bytes_accessed = _analysis(compiled, inputs, error)
   total = args + out - alias + temp + code
   model_flops = model_flops_per_chip(config, job, topo.chips)
-  cfg = config_lib.model_config(config)
+  cfg = config.model
   chip = topo.chip
   # Roofline = a lower bound on step time: the compute at peak, or the HBM traffic at full bandwidth.
   # XLA's cost analysis counts a loop body once (the scanned layers, the slot loop), so compute uses
@@ -287,7 +274,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_platforms", "cpu")
   axes = sharding.parse_mesh(_MESH.value) if _MESH.value else None
   try:
-    r = report(_CONFIG.value, _TOPOLOGY.value, _JOB.value, axes)
+    r = report(experiment(_CONFIG.value), _TOPOLOGY.value, _JOB.value, axes)
   except (ValueError, RuntimeError) as e:
     raise cli.UsageError(cli.one_line(e)) from None
   print(format_report(r), flush=True)

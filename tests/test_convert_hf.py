@@ -25,6 +25,7 @@ from interaction.ckpt import params as params_lib  # noqa: E402
 from interaction.ckpt import serve as serve_checkpoint  # noqa: E402
 from interaction.ckpt.paths import UnsafePathError  # noqa: E402
 from interaction.ckpt.safetensors_io import SafetensorsFile  # noqa: E402
+from interaction.experiment import experiment  # noqa: E402
 from launch import evaluate as evaluate_job  # noqa: E402
 from serving.eval import scores  # noqa: E402
 from tests.helpers import serve_a_session  # noqa: E402
@@ -32,7 +33,7 @@ from tests.helpers import serve_a_session  # noqa: E402
 ROOT = pathlib.Path(__file__).parent.parent
 
 VOCAB = 300
-EXPERIMENT = tiny.get_config()  # streams and modality settings of the imported models
+EXPERIMENT = experiment(tiny.get_config())  # streams and modality settings of the imported models
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
 
 

@@ -15,7 +15,6 @@ from jax.sharding import SingleDeviceSharding
 from data_pipeline import synthetic
 from experiments import tiny
 from interaction import ckpt, sharding
-from interaction import config as config_lib
 from interaction import step as step_lib
 from interaction import train_step as train
 from interaction.ckpt import params as params_lib
@@ -23,6 +22,7 @@ from interaction.ckpt import serve as serve_checkpoint
 from interaction.ckpt import train_to_serve
 from interaction.ckpt import trainer as checkpoint
 from interaction.ckpt.paths import UnsafePathError
+from interaction.experiment import experiment
 from launch import evaluate as evaluate_job
 from tests.helpers import random_batch, serve_a_session
 
@@ -35,9 +35,9 @@ def trained(tmp_path_factory):
   """A trainer checkpoint (params + optimizer state + meta) saved from a (data=2, expert=4) mesh."""
   config = tiny.get_config()
   config.model.num_layers = 2
-  cfg = config_lib.model_config(config)
+  cfg = experiment(config).model
   mesh = sharding.make_mesh({"data": 2, "expert": 4})
-  graphdef, state, shardings = train.create(cfg, config.train, mesh, seed=1)
+  graphdef, state, shardings = train.create(cfg, experiment(config).train, mesh, seed=1)
   workdir = tmp_path_factory.mktemp("wd")
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
   ckpt.save(7, state._asdict(), {"pos": 0}, {"config": json.loads(config.to_json()), "mesh": dict(mesh.shape)})

@@ -60,12 +60,11 @@ def test_model_forward_runs_on_a_batch(data_dir):
   import jax
   from flax import nnx
 
-  from interaction import config as config_lib
   from interaction import objective
   from interaction.model import InteractionModel
 
   cfg = tiny_config(window_turns=N, batch_size=B)
-  graphdef, params = nnx.split(InteractionModel(config_lib.model_config(cfg), rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(InteractionModel(cfg.model, rngs=nnx.Rngs(0)))
 
   @jax.jit
   def losses(params, batch):

@@ -8,15 +8,13 @@ import pytest
 from data_pipeline import audio, featurize, record, script, speech, synthetic
 from data_pipeline.script import CUE, DIGITS, TASKS, TRANSLATION, VOCAB, WORD_ID
 from data_pipeline.testing import tiny_config
-from interaction import config as config_lib
 from interaction import text
 
 T = record.SAMPLES_PER_TURN
 
 
 def specs():
-  c = tiny_config()
-  return config_lib.streams_from_config(c.streams, c.stream_order)
+  return tiny_config().model.streams
 
 
 def of_task(task, count=4, seed=11):

@@ -9,6 +9,7 @@ from flax import nnx
 
 from experiments import tml_interaction_small
 from interaction import moe, sharding
+from interaction.experiment import experiment
 from launch import aot
 from tests.helpers import tiny_cfg
 
@@ -37,7 +38,7 @@ def test_moe_chunks_leave_the_expert_parallel_output_unchanged():
       return (y**2).sum(), y
 
     with jax.set_mesh(mesh):
-      state = jax.device_put(state, sharding.param_shardings(state, mesh))
+      state = jax.device_put(state, sharding.param_shardings(state, mesh, layer.rules))
       (_, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(state, x)
     out.append((np.asarray(y), np.asarray(g["gate"][...])))
   # Not bitwise: XLA:CPU blocks a matmul by its row count, and a chunk has fewer rows.
@@ -66,7 +67,7 @@ def libtpu():
 
 @pytest.mark.parametrize("job", ["train", "serve"])
 def test_aot_compile_for_v5p_8_reports_per_chip_memory_and_flops(libtpu, job):
-  r = aot.report(small_pod_config(), "v5p-8", job)
+  r = aot.report(experiment(small_pod_config()), "v5p-8", job)
   assert r["topology"] == "v5p-8" and r["chips"] == 4 and r["job"] == job and r["compile_error"] is None
   assert r["mesh"] == ({"fsdp": 2, "expert": 2} if job == "train" else {"expert": 4})
   parts = ["argument_bytes", "output_bytes", "temp_bytes", "code_bytes"]
@@ -85,24 +86,23 @@ def test_aot_compile_for_v5p_8_reports_per_chip_memory_and_flops(libtpu, job):
 
 def test_unknown_topology_is_a_clear_error_before_compiling():
   with pytest.raises(ValueError, match="unknown topology 'v5p-3'"):
-    aot.report(small_pod_config(), "v5p-3")
+    aot.report(experiment(small_pod_config()), "v5p-3")
 
 
 def test_mesh_that_does_not_divide_the_slice_is_named(libtpu):
   with pytest.raises(ValueError, match="needs 12 devices, have 4"):
-    aot.report(small_pod_config(), "v5p-8", mesh_axes={"fsdp": 3, "expert": 4})
+    aot.report(experiment(small_pod_config()), "v5p-8", mesh_axes={"fsdp": 3, "expert": 4})
 
 
 def test_abstract_state_matches_the_allocated_one():
-  from interaction import config as config_lib
   from interaction import train_step as train
 
   config = small_pod_config()
   config.train = tml_interaction_small.get_config().train
-  cfg = dataclasses.replace(config_lib.model_config(config), num_layers=2)
+  cfg = dataclasses.replace(experiment(config).model, num_layers=2)
   mesh = sharding.make_mesh({"fsdp": 2, "expert": 4})
-  _, state, shardings = train.create(cfg, config.train, mesh)
-  _, abstract, abstract_sh = train.abstract_create(cfg, config.train, mesh)
+  _, state, shardings = train.create(cfg, experiment(config).train, mesh)
+  _, abstract, abstract_sh = train.abstract_create(cfg, experiment(config).train, mesh)
   same = jax.tree.map(
     lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) and a.sharding.is_equivalent_to(b.sharding, a.ndim),
     state,

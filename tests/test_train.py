@@ -17,10 +17,10 @@ import pytest
 
 from data_pipeline import synthetic
 from experiments import tiny
-from interaction import config as config_lib
 from interaction import sharding
 from interaction import train_step as train
 from interaction.ckpt import trainer as checkpoint
+from interaction.experiment import experiment
 from launch import trainer
 from tests.helpers import random_batch
 
@@ -126,19 +126,19 @@ def small_training(seed: int):
   """A 2-layer tiny model's train state and step on the (data=2, expert=4) mesh, and a random batch."""
   config = tiny.get_config()
   config.model.num_layers = 2
-  cfg = config_lib.model_config(config)
+  cfg, tc = experiment(config).model, experiment(config).train
   mesh = sharding.make_mesh({"data": 2, "expert": 4})
-  graphdef, state, shardings = train.create(cfg, config.train, mesh)
-  step = train.make_train_step(graphdef, cfg, config.train, mesh, shardings)
+  graphdef, state, shardings = train.create(cfg, tc, mesh)
+  step = train.make_train_step(graphdef, cfg, tc, mesh, shardings)
   batch = random_batch(cfg, 8, 4, seed=seed)
   batch["turn_mask"] = np.ones((8, 4), np.float32)
-  return cfg, config.train, mesh, state, step, batch
+  return cfg, tc, mesh, state, step, batch
 
 
 def test_restore_on_another_mesh_is_bitwise(tmp_path):
   cfg, tc, mesh8, state, step, batch = small_training(seed=1)
   for _ in range(2):
-    state, _ = step(state, train.global_batch(batch, mesh8))
+    state, _ = step(state, train.global_batch(batch, mesh8, cfg.rules))
   ckpt = checkpoint.Checkpointer(tmp_path)
   ckpt.save(2, state._asdict(), {"pos": 1}, {"note": "test"})
   ckpt.wait()
@@ -156,16 +156,16 @@ def test_restore_on_another_mesh_is_bitwise(tmp_path):
 
 
 def test_nonfinite_step_leaves_state_bitwise_unchanged_and_is_counted(tmp_path):
-  _, _, mesh, state, step, batch = small_training(seed=2)
-  state, m = step(state, train.global_batch(batch, mesh))
+  cfg, _, mesh, state, step, batch = small_training(seed=2)
+  state, m = step(state, train.global_batch(batch, mesh, cfg.rules))
   assert bool(m["finite"])
   before = checkpoint.tree_digest((state.params, state.opt_state))
   poisoned = dict(batch, audio_out=np.full_like(batch["audio_out"], np.nan))
-  state, m = step(state, train.global_batch(poisoned, mesh))
+  state, m = step(state, train.global_batch(poisoned, mesh, cfg.rules))
   assert not bool(m["finite"])
   assert checkpoint.tree_digest((state.params, state.opt_state)) == before
   assert int(state.skipped) == 1 and int(state.bad_streak) == 1 and int(state.step) == 2
-  state, m = step(state, train.global_batch(batch, mesh))
+  state, m = step(state, train.global_batch(batch, mesh, cfg.rules))
   assert bool(m["finite"]) and int(state.bad_streak) == 0 and int(state.skipped) == 1
   with pytest.raises(checkpoint.NonFiniteCheckpointError, match="step 7"):
     bad = state._replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
@@ -177,9 +177,9 @@ def test_a_batch_the_mesh_cannot_split_is_refused_before_config_or_data_is_writt
   config.data.dir, config.data.batch_size = str(data_dir), 4
   config.mesh.data, config.mesh.expert = 2, 4
   with pytest.raises(ValueError, match=r"data.batch_size=4 cannot be split .* use a multiple of 8"):
-    trainer.run(config, tmp_path / "run", progress=False)
+    trainer.run(experiment(config), tmp_path / "run", progress=False)
   assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
-  train.check_batch_size(16, sharding.make_mesh({"data": 2, "expert": 4}))
+  train.check_batch_size(16, sharding.make_mesh({"data": 2, "expert": 4}), sharding.DEFAULT_RULES)
 
 
 class PoisonedBatches:
@@ -223,7 +223,7 @@ def test_too_many_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, data_di
   config.train.log_every = log_every  # 4: the streak is read back two steps after it reached the limit
   config.train.max_bad_steps = 3
   with pytest.raises(trainer.NonFiniteError, match=r"step 6: 3 non-finite steps in a row"):
-    trainer.run(config, tmp_path, progress=False)
+    trainer.run(experiment(config), tmp_path, progress=False)
   assert checkpoint.Checkpointer(tmp_path / "checkpoints").all_steps() == []
 
 
@@ -237,7 +237,7 @@ def test_tiny_learns_the_synthetic_tasks_within_the_demo_budget(tmp_path):
   config.train.steps = LEARNING_STEPS
   config.train.checkpoint_every = LEARNING_STEPS
   config.data.synthetic_train, config.data.synthetic_eval = 512, 32
-  summary = trainer.run(config, tmp_path, progress=False)
+  summary = trainer.run(experiment(config), tmp_path, progress=False)
   print(f"\nheld-out after {LEARNING_STEPS} steps: {summary['eval']}")
   assert summary["eval"]["text_ce"] < TEXT_CE_THRESHOLD
   assert summary["eval"]["flow"] < FLOW_THRESHOLD
