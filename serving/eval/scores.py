@@ -36,8 +36,8 @@ import difflib
 import numpy as np
 
 from data_pipeline import script
-from interaction import text
 from interaction.layout import MICRO_TURN_SECONDS
+from serving.calls import TextOutDecoder
 
 REACT_TURNS = 10  # 2 s to react to a cue
 SILENT_RUN = 2  # inactive turns before an active one that make it an onset
@@ -97,10 +97,12 @@ def voiced(tr: Transcript) -> np.ndarray:
 
 
 def spoken_words(text_out_Nn) -> list[tuple[int, str]]:
-  """(start turn, word) of every word spoken in text_out; marker contents are not speech."""
-  words, buf, start, inside = [], bytearray(), 0, False
-  opens = {text.TOOL_CALL_START, text.DELEGATE_START}
-  closes = {text.TOOL_CALL_END, text.DELEGATE_END}
+  """(start turn, word) of every word spoken in text_out; marker contents are not speech.
+
+  Read with the live server's decoder (``calls.TextOutDecoder``): a word ends at a space or where a
+  marker stood, and starts in the turn of its first byte.
+  """
+  words, buf, start, decoder = [], bytearray(), 0, TextOutDecoder()
 
   def flush():
     if buf.strip():
@@ -108,34 +110,23 @@ def spoken_words(text_out_Nn) -> list[tuple[int, str]]:
     buf.clear()
 
   for t, row in enumerate(np.asarray(text_out_Nn)):
-    for tok in row.tolist():
-      if tok in opens or tok in closes:
+    out = decoder.decode(row)
+    for i, byte in enumerate(out.spoken):
+      if i in out.breaks or byte == ord(" "):
         flush()
-        inside = tok in opens
-      elif tok < text.NUM_BYTES and not inside:
-        if tok == ord(" "):
-          flush()
-        else:
-          start = t if not buf else start
-          buf.append(tok)
+      if byte != ord(" "):
+        start = t if not buf else start
+        buf.append(byte)
+    if len(out.spoken) in out.breaks:
+      flush()
   flush()
   return words
 
 
 def spoken_turns(text_out_Nn) -> np.ndarray:
-  active = np.zeros(len(text_out_Nn), bool)
-  for t, _ in spoken_words(text_out_Nn):
-    active[t] = True
-  inside = False
-  for t, row in enumerate(np.asarray(text_out_Nn)):  # the rest of a word's bytes, spilled into later turns
-    for tok in row.tolist():
-      if tok in (text.TOOL_CALL_START, text.DELEGATE_START):
-        inside = True
-      elif tok in (text.TOOL_CALL_END, text.DELEGATE_END):
-        inside = False
-      elif tok < text.NUM_BYTES and tok != ord(" ") and not inside:
-        active[t] = True
-  return active
+  """[N] bool: the micro-turns whose text_out speaks (a byte other than a space outside the markers)."""
+  decoder = TextOutDecoder()
+  return np.array([bool(decoder.decode(row).spoken.strip(b" ")) for row in np.asarray(text_out_Nn)], bool)
 
 
 def model_active(tr: Transcript) -> np.ndarray:
