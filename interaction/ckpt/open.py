@@ -37,14 +37,14 @@ class Loaded:
   cfg: config_lib.ModelConfig
   graphdef: object
   params: dict  # pure dict of arrays, the trainer's ``state['params']`` layout
-  experiment: ExperimentConfig  # the experiment stored with it (serve.cache_tokens, data, ...); its model is cfg
+  config: ExperimentConfig  # the experiment stored with it (serve.cache_tokens, data, ...); its model is cfg
   step: int  # the training step; 0 for a model imported from elsewhere
   path: pathlib.Path  # the step directory or serve checkpoint read
   layout: str  # one of LAYOUTS
 
   @property
   def cache_tokens(self) -> int:
-    return self.experiment.serve.cache_tokens
+    return self.config.serve.cache_tokens
 
 
 def param_shardings(cfg: config_lib.ModelConfig, mesh=None) -> dict:
