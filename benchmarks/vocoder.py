@@ -31,7 +31,7 @@ import numpy as np
 from data_pipeline import audio, speech
 from data_pipeline.record import SAMPLE_RATE, SAMPLES_PER_TURN
 from interaction import config as config_lib
-from interaction import testing
+from interaction import layout, testing
 
 SENTENCES = (
   "hello there, what can i do for you today",
@@ -46,7 +46,7 @@ def mel_cfg() -> audio.MelConfig:
   """The tiny experiment's ``audio_out`` mel settings (what the live server renders)."""
   c = testing.experiment_config()
   order = config_lib.streams_from_config(c.streams, c.stream_order)
-  return audio.mel_config(next(s for s in order if s.kind == "audio" and s.direction == "out"))
+  return audio.mel_config(layout.find_stream(order, "audio", "out"))
 
 
 def speech_track(seconds: float) -> np.ndarray:

@@ -8,6 +8,13 @@ scipy). Word boundaries come from espeak-ng's word events (the sample at which
 each word starts); a word ends where its sound does (the last sample above a
 small threshold before the next word starts).
 
+espeak-ng keeps state from one utterance to the next inside a process (its pitch
+and flutter phase; re-initializing or reseeding does not reset it), so an
+utterance's samples depend slightly on what the process said before (a few
+samples of length, the waveform's phase). A split is reproducible because the
+generator synthesizes it in order in one process; one conversation generated
+alone may differ from its copy in a split by that much.
+
 A ``Voice`` is an accent (an English espeak-ng language), a variant (one of the
 ~100 voice variants: formants, breathiness, pitch contour), a rate in words per
 minute, a base pitch and a pitch range. ``TRAIN_VARIANTS`` and
