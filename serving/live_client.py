@@ -143,11 +143,16 @@ async def record(
     await send()
     await asyncio.wait_for(reader, timeout=30)
 
+  return _timeline(ticks, audio, sent, state["talk_at"], calls)
+
+
+def _timeline(ticks: list, audio: list, sent: np.ndarray, talk_tick: int | None, calls: list) -> Recording:
+  """Both sides on the tick grid: tick k heard ``user_audio_ms`` of the stream as sent, zero-padded."""
   n = min(len(ticks), len(audio))
   heard = np.zeros(n * SAMPLES_PER_TICK, np.int16)
   cursor, talk_at = 0, None
-  talk_sample = None if state["talk_at"] is None else state["talk_at"] * SAMPLES_PER_TICK
-  for k in range(n):  # tick k consumed user_audio_ms of the stream, zero-padded to a whole micro-turn
+  talk_sample = None if talk_tick is None else talk_tick * SAMPLES_PER_TICK
+  for k in range(n):
     take = min(int(ticks[k].get("user_audio_ms", 200) * SAMPLE_RATE // 1000), len(sent) - cursor)
     heard[k * SAMPLES_PER_TICK : k * SAMPLES_PER_TICK + take] = sent[cursor : cursor + take]
     if talk_sample is not None and talk_at is None and cursor <= talk_sample < cursor + take:

@@ -72,7 +72,9 @@ def session(url, said: np.ndarray, seconds: float, **kw) -> live_client.Recordin
 def test_a_spoken_question_gets_the_answer_and_a_second_voice_stops_the_model(url, tmp_path):
   question = clip("what is two plus three", ASKER)
   end_s = LEAD_S + len(question) / live_client.SAMPLE_RATE
-  rec = session(url, question, seconds=end_s + 5.0, talk_over=clip("wait, stop, hold on", OTHER), talk_over_after_s=end_s)
+  rec = session(
+    url, question, seconds=end_s + 5.0, talk_over=clip("wait, stop, hold on", OTHER), talk_over_after_s=end_s
+  )
   rec.write_wav(tmp_path / "question.wav")
   calls = [c for c in rec.calls if c["type"] == "tool_call"]
   assert [c["request"] for c in calls][:1] == ["add(2,3)"], (rec.text(), rec.calls)
