@@ -2,7 +2,7 @@ r"""The live server under load: N sessions of real-time speech, a slow reader, a
 
   PYTHONPATH=. python benchmarks/server_load.py [--checkpoint DIR] [--sessions 32] [--duration 60] [--quick]
 
-Starts ``python -m serving.server`` as a subprocess (slots = sessions, a free port, the token in
+Starts ``python -m launch.serve`` as a subprocess (slots = sessions, a free port, the token in
 ``$INTERACTION_SERVER_TOKEN``) on ``--checkpoint`` or, by default, a tiny-config checkpoint of random
 parameters written to a temp dir (same compute as a trained one), and drives it with the load tool
 (``serving/loadtest.py``, in this process):
@@ -58,11 +58,11 @@ def make_checkpoint(directory: pathlib.Path) -> pathlib.Path:
 
 
 class Server:
-  """``python -m serving.server`` in a subprocess; its output lines are kept (``lines``)."""
+  """``python -m launch.serve`` in a subprocess; its output lines are kept (``lines``)."""
 
   def __init__(self, checkpoint: str, slots: int, token: str):
     env = {**os.environ, loadtest.TOKEN_ENV: token, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    cmd = [sys.executable, "-m", "serving.server", "--checkpoint", checkpoint, "--port", "0", "--slots", str(slots)]
+    cmd = [sys.executable, "-m", "launch.serve", "--checkpoint", checkpoint, "--port", "0", "--slots", str(slots)]
     self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines: list[str] = []
     self.url = None

@@ -1,6 +1,8 @@
 r"""Live server: WebSocket sessions on the sessions engine, one tick every 200 ms.
 
-  python -m serving.server --checkpoint workdir/demo [--host 127.0.0.1] [--port 8000] [--slots 32]
+  python -m launch.serve --checkpoint workdir/demo [--host 127.0.0.1] [--port 8000] [--slots 32]
+
+runs ``serve_forever`` here (the command line is ``launch/serve.py``).
 
 Every live session holds one slot of the engine's jitted step. A tick runs at each multiple of 200 ms of
 wall clock: each session's audio received since its last tick is cut into the micro-turn (zero-padded:
@@ -15,7 +17,6 @@ engine (join, leave, featurize, step, vocoder), so a tick never stops the loop f
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import concurrent.futures
@@ -23,7 +24,6 @@ import dataclasses
 import json
 import signal
 import socket
-import sys
 import time
 
 import numpy as np
@@ -36,8 +36,9 @@ from serving import protocol
 from serving.engine import Engine, EngineFullError, Sampling
 from serving.media import Media, SessionMedia
 from serving.protocol import AUDIO as AUDIO
-from serving.protocol import PROTOCOL_VERSION, TICK_S, TOKEN_ENV, ClientError, Limits
+from serving.protocol import PROTOCOL_VERSION, TICK_S, ClientError, Limits
 from serving.protocol import RAW as RAW
+from serving.protocol import TOKEN_ENV as TOKEN_ENV
 from serving.routes import ROUTES as ROUTES
 from serving.routes import STATIC as STATIC
 from serving.routes import Routes, read_token, response
@@ -402,27 +403,11 @@ def build_engine(checkpoint: str, slots: int) -> Engine:
   )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-    prog="python -m serving.server",
-    description="Serve live interaction sessions over WebSocket (protocol: serving/PROTOCOL.md).",
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-  )
-  p.add_argument("--checkpoint", required=True, help="trainer workdir, its checkpoints/ directory, or one step")
-  p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-  p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-  p.add_argument("--slots", type=int, default=32, help="concurrent sessions (the step's batch)")
-  p.add_argument("--token-file", help=f"file holding the access token (else ${TOKEN_ENV}, else one is generated)")
-  p.add_argument("--allowed-origin", action="append", default=[], help="browser Origin allowed to connect (repeat)")
-  for f in dataclasses.fields(Limits):
-    flag = f.metadata["flag"]
-    metavar = flag.lstrip("-").replace("-", "_").upper()
-    p.add_argument(flag, dest=f.name, metavar=metavar, type=type(f.default), default=f.default, help=f.metadata["help"])
-  p.add_argument("--vocoder-iters", type=int, default=4, help="Griffin-Lim iterations per tick of model speech")
-  return p.parse_args(argv)
+async def serve_forever(args) -> int:
+  """Open the model, listen, tick until SIGTERM/SIGINT, drain; ``args``: any object with launch.serve's flags.
 
-
-async def serve_forever(args: argparse.Namespace) -> int:
+  Refusals (a missing checkpoint, a taken port) are ``SystemExit("error: ...")``: launch.serve prints one line.
+  """
   token, source = read_token(args.token_file)
   print(f"loading {args.checkpoint} for {args.slots} slots...", flush=True)
   try:
@@ -453,14 +438,3 @@ async def serve_forever(args: argparse.Namespace) -> int:
   engine.close()
   print("stopped", flush=True)
   return 0
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  if args.slots < 1:
-    raise SystemExit(f"error: --slots must be >= 1, got {args.slots}")
-  return asyncio.run(serve_forever(args))
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -2,7 +2,7 @@
 
 Chromium's fake devices stand in for the user: a WAV file of speech as the
 microphone and its test pattern as the camera. The page streams both to
-``python -m serving.server`` (random parameters, 2 slots) and plays the model's
+``python -m launch.serve`` (random parameters, 2 slots) and plays the model's
 speech back; the test reads ``window.interactionStats`` and saves a screenshot
 to ``$INTERACTION_TEST_ARTIFACTS/browser.png`` (default ``artifacts/browser.png``).
 """
@@ -62,12 +62,12 @@ def speech_wav(path: pathlib.Path) -> pathlib.Path:
 
 
 class Server:
-  """``python -m serving.server`` on a free port; its output is collected by a thread."""
+  """``python -m launch.serve`` on a free port; its output is collected by a thread."""
 
   def __init__(self, checkpoint: pathlib.Path, token: str):
     self.token, self.lines = token, []
     env = dict(os.environ, INTERACTION_SERVER_TOKEN=token, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "serving.server", "--checkpoint", str(checkpoint), "--port", "0", "--slots", "2"]
+    cmd = [sys.executable, "-m", "launch.serve", "--checkpoint", str(checkpoint), "--port", "0", "--slots", "2"]
     self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.ready = threading.Event()
     self.port = None

@@ -468,7 +468,7 @@ def test_sigterm_closes_every_session_with_a_reason_and_exits_0(tmp_path):
   workdir = save_checkpoint(tmp_path)
   env = {**os.environ, server_lib.TOKEN_ENV: TOKEN, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(
-    [sys.executable, "-m", "serving.server", "--checkpoint", str(workdir), "--port", "0", "--slots", "8"],
+    [sys.executable, "-m", "launch.serve", "--checkpoint", str(workdir), "--port", "0", "--slots", "8"],
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
@@ -505,12 +505,13 @@ def test_sigterm_closes_every_session_with_a_reason_and_exits_0(tmp_path):
 
 def test_a_missing_checkpoint_is_a_clear_error_not_a_traceback(tmp_path):
   out = subprocess.run(
-    [sys.executable, "-m", "serving.server", "--checkpoint", str(tmp_path / "nothing")],
+    [sys.executable, "-m", "launch.serve", "--checkpoint", str(tmp_path / "nothing")],
     capture_output=True,
     text=True,
     env={**os.environ, "JAX_PLATFORMS": "cpu"},
     cwd=os.path.dirname(os.path.dirname(__file__)),
     timeout=120,
   )
-  assert out.returncode == 1 and "error: " in out.stderr and "no such directory" in out.stderr
+  assert out.returncode == 2 and "error: " in out.stderr and "no such directory" in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
   assert "Traceback" not in out.stderr
