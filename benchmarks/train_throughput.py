@@ -25,10 +25,10 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from experiments import tiny  # noqa: E402
-from interaction import config as config_lib  # noqa: E402
 from interaction import flops as metrics  # noqa: E402
 from interaction import layout, sharding  # noqa: E402
 from interaction import train_step as train  # noqa: E402
+from interaction.experiment import experiment  # noqa: E402
 from launch import cli, trainer  # noqa: E402
 
 FLAGS = cli.flag_values()
@@ -47,14 +47,15 @@ def wide_config():
 
 
 def measure(config, mesh_axes, devices, steps: int, peak: float) -> dict:
-  cfg = config_lib.model_config(config)
+  typed = experiment(config)
+  cfg = typed.model
   mesh = sharding.make_mesh(mesh_axes, devices)
-  graphdef, state, shardings = train.create(cfg, config.train, mesh)
-  step = train.make_train_step(graphdef, cfg, config.train, mesh, shardings)
+  graphdef, state, shardings = train.create(cfg, typed.train, mesh)
+  step = train.make_train_step(graphdef, cfg, typed.train, mesh, shardings)
   b, n = config.data.batch_size, config.data.window_turns
   batch = layout.random_streams(cfg.streams, (b, n), seed=0)
   batch.update(first_turn=np.zeros(b, np.int32), turn_mask=np.ones((b, n), np.float32))
-  batch = train.global_batch(batch, mesh)
+  batch = train.global_batch(batch, mesh, cfg.rules)
   t = time.perf_counter()
   state, m = step(state, batch)
   jax.block_until_ready(m)
@@ -83,14 +84,15 @@ def measure(config, mesh_axes, devices, steps: int, peak: float) -> dict:
 
 def setup(config, mesh_axes, devices):
   """The jitted step, its first state and one device batch of random streams."""
-  cfg = config_lib.model_config(config)
+  typed = experiment(config)
+  cfg = typed.model
   mesh = sharding.make_mesh(mesh_axes, devices)
-  graphdef, state, shardings = train.create(cfg, config.train, mesh)
-  step = train.make_train_step(graphdef, cfg, config.train, mesh, shardings)
+  graphdef, state, shardings = train.create(cfg, typed.train, mesh)
+  step = train.make_train_step(graphdef, cfg, typed.train, mesh, shardings)
   b, n = config.data.batch_size, config.data.window_turns
   batch = layout.random_streams(cfg.streams, (b, n), seed=0)
   batch.update(first_turn=np.zeros(b, np.int32), turn_mask=np.ones((b, n), np.float32))
-  return cfg, step, state, train.global_batch(batch, mesh)
+  return cfg, step, state, train.global_batch(batch, mesh, cfg.rules)
 
 
 def measure_sync(config, mesh_axes, devices, rounds: int, steps: int) -> dict:
