@@ -1,7 +1,7 @@
 r"""Load test for the live server: N clients streaming real speech in real time, reading everything.
 
-  python -m serving.loadtest --url ws://127.0.0.1:8000/v1/session --sessions 32 --duration 60 \
-      [--token T] [--audio DIR] [--video] [--slow-clients K] [--extra-session-at SECONDS] [--json]
+The library of ``python -m launch.loadtest`` (its command line, flags and exit status are there):
+``run(Options(...))`` returns the report that ``format_table`` prints and ``clean`` judges.
 
 Each client opens a session (``serving/PROTOCOL.md``), then sends 200 ms chunks of speech (``0x01`` +
 PCM16LE, 16 kHz mono) paced against the wall clock from its ``session.started`` (chunk i leaves at
@@ -15,8 +15,8 @@ Playback model (underruns): a client starts playing one tick (200 ms jitter buff
 model audio frame arrives; frame k is due at that start + k * 200 ms; a frame that arrives after it
 is due is an underrun. Tick latency and underruns are figures of the normal clients only.
 
-``--slow-clients K``: K clients (8 KiB socket receive buffer, one-frame client queue) stop reading
-after ``--slow-after`` seconds, right after the next keepalive ping from the server. A client that
+``--slow_clients K``: K clients (8 KiB socket receive buffer, one-frame client queue) stop reading
+after ``--slow_after`` seconds, right after the next keepalive ping from the server. A client that
 never reads never answers pings either, so two limits race: the keepalive closes it 10-15 s after it
 stops (``ping_timeout_s`` after the first unanswered ping), the output cap once ~256 KiB are unsent
 (~12 s of model audio plus kernel buffers here). Stopping just after a ping gives the cap the whole
@@ -24,25 +24,19 @@ ping interval + timeout. They keep the connection open and keep sending audio. T
 frame queues behind the output they did not read, so the tool polls ``GET /v1/stats`` (``closed_slow``)
 and, once the server has closed them, lets them read again to collect the close code and reason it
 sent; the time is the one the counter rose (+/- 0.25 s).
-The run goes on past ``--duration`` (up to ``--slow-linger`` s) while a slow client is still open.
+The run goes on past ``--duration`` (up to ``--slow_linger`` s) while a slow client is still open.
 
-``--extra-session-at T``: at T seconds, with every client connected, one more session is opened and
+``--extra_session_at T``: at T seconds, with every client connected, one more session is opened and
 the time until it is refused is measured (``503`` before the upgrade, or close code ``1013``).
 
-Prints a table, a progress line per ``--progress`` s on stderr, and as the LAST line one JSON
-object with the same figures (``--json``: only that line on stdout).
-
-This module is the tool's command line and where its speech comes from; ``loadtest_run`` runs the
+This module is the tool's entry (``run``) and where its speech comes from; ``loadtest_run`` runs the
 clients, ``loadtest_clients`` holds one client's record, playback model and connection,
 ``loadtest_sources`` the speech and video it sends, ``loadtest_report`` the report and table.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -52,14 +46,15 @@ import tempfile
 import numpy as np
 
 from data_pipeline import wav
-from serving import protocol
 from serving.loadtest_clients import Options
 from serving.loadtest_clients import Playback as Playback
 from serving.loadtest_clients import fetch_stats as fetch_stats
-from serving.loadtest_report import clean, format_table
+from serving.loadtest_report import clean as clean
+from serving.loadtest_report import format_table as format_table
 from serving.loadtest_run import LoadTest as LoadTest
 from serving.loadtest_sources import PAUSE_S, SENTENCES, espeak_sentences, synthetic_speech
-from serving.protocol import SAMPLE_RATE, TOKEN_ENV
+from serving.protocol import SAMPLE_RATE
+from serving.protocol import TOKEN_ENV as TOKEN_ENV
 
 
 def load_speech(audio_dir: str | None = None, log=print) -> tuple[np.ndarray, str]:
@@ -97,63 +92,3 @@ async def run(options: Options, speech: np.ndarray | None = None, source: str | 
   if speech is None:
     speech, source = await asyncio.to_thread(load_speech, options.audio_dir, log)
   return await LoadTest(options, speech, source=source or "given", log=log).run()
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-    prog="python -m serving.loadtest",
-    description=__doc__,
-    epilog="Protocol: serving/PROTOCOL.md. Exit status: 0 when every session connected, ran and ended cleanly, else 1.",
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
-  p.add_argument(
-    "--url", default=f"ws://127.0.0.1:8000{protocol.SESSION_PATH}", help="session URL (default: %(default)s)"
-  )
-  p.add_argument("--token", help=f"access token (default: ${TOKEN_ENV})")
-  p.add_argument("--sessions", type=int, default=4, help="concurrent clients (default: %(default)s)")
-  p.add_argument("--duration", type=float, default=10.0, help="seconds each client streams (default: %(default)s)")
-  p.add_argument("--audio", metavar="DIR", help="directory of .wav files to stream (default: espeak-ng speech)")
-  p.add_argument("--video", action="store_true", help="also send one small JPEG per 200 ms chunk")
-  p.add_argument("--slow-clients", type=int, default=0, metavar="K", help="clients that stop reading (default: 0)")
-  p.add_argument(
-    "--slow-after", type=float, default=3.0, help="seconds before slow clients stop (default: %(default)s)"
-  )
-  p.add_argument(
-    "--slow-linger", type=float, default=30.0, help="seconds past --duration to wait for the server to close them"
-  )
-  p.add_argument("--extra-session-at", type=float, metavar="SECONDS", help="open one session too many at this time")
-  p.add_argument("--progress", type=float, default=10.0, help="seconds between progress lines on stderr (0: none)")
-  p.add_argument("--json", action="store_true", help="print only the JSON report")
-  args = p.parse_args(argv)
-  args.token = args.token or os.environ.get(TOKEN_ENV)
-  if not args.token:
-    p.error(f"no token: pass --token or set ${TOKEN_ENV}")
-  if args.sessions < 1 or not 0 <= args.slow_clients <= args.sessions or args.duration <= 0:
-    p.error("need --sessions >= 1, 0 <= --slow-clients <= --sessions and --duration > 0")
-  return args
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  options = Options(
-    url=args.url,
-    token=args.token,
-    sessions=args.sessions,
-    duration=args.duration,
-    audio_dir=args.audio,
-    video=args.video,
-    slow_clients=args.slow_clients,
-    slow_after=args.slow_after,
-    slow_linger=args.slow_linger,
-    extra_session_at=args.extra_session_at,
-    progress=args.progress,
-  )
-  report = asyncio.run(run(options))
-  if not args.json:
-    print(format_table(report))
-  print(json.dumps(report), flush=True)
-  return 0 if clean(report) else 1
-
-
-if __name__ == "__main__":
-  sys.exit(main())

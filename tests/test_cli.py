@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from launch import aot, cli, convert, data, demo, evaluate, inspect, local, pod, serve, train
+from launch import aot, cli, convert, data, demo, evaluate, inspect, loadtest, local, pod, serve, train
 
 ROOT = pathlib.Path(__file__).parent.parent
 # (module, its flags, the argv prefix that selects a command)
@@ -18,6 +18,7 @@ ENTRY_POINTS = [
   (aot, aot.FLAGS, []),
   (evaluate, evaluate.FLAGS, []),
   (serve, serve.FLAGS, []),
+  (loadtest, loadtest.FLAGS, []),
   (local, local.FLAGS, []),
   (pod, pod.FLAGS, []),
   (data, data.SYNTHETIC, ["synthetic"]),

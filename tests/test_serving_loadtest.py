@@ -5,8 +5,10 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from data_pipeline import wav
+from launch import loadtest as launch_loadtest
 from serving import loadtest
 from serving import server as server_lib
 from tests.helpers import save_checkpoint
@@ -124,5 +126,9 @@ def test_speech_sources_and_refusal_parsing(tmp_path, monkeypatch):
   speech, source = loadtest.load_speech(str(tmp_path))
   assert len(speech) == loadtest.SAMPLE_RATE + int(loadtest.PAUSE_S * loadtest.SAMPLE_RATE) and "1 WAV" in source
   monkeypatch.setenv(loadtest.TOKEN_ENV, "from-env")
-  args = loadtest.parse_args(["--sessions", "2", "--slow-clients", "1"])
-  assert args.token == "from-env" and args.sessions == 2 and args.slow_clients == 1
+  options = launch_loadtest.parse_options(["--sessions", "2", "--slow-clients", "1"])
+  assert options.token == "from-env" and options.sessions == 2 and options.slow_clients == 1
+  monkeypatch.delenv(loadtest.TOKEN_ENV)
+  with pytest.raises(SystemExit, match=f"^error: no token: pass --token or set \\${loadtest.TOKEN_ENV}$") as e:
+    launch_loadtest.main(["--sessions", "2"])
+  assert e.value.code == 2
