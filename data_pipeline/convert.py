@@ -1,6 +1,6 @@
 """Convert a folder of recorded conversations into ArrayRecord shards.
 
-  python -m data_pipeline.convert --input recordings/ --output data/ --split train
+  python -m launch.data convert --input recordings/ --output data/ [--split train] [--records_per_shard 1024]
 
 Each sub-folder of --input (or --input itself) is one conversation:
 
@@ -18,7 +18,6 @@ are in data_pipeline/README.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -158,23 +157,3 @@ def convert(input_dir, output_dir, split: str = "train", records_per_shard: int 
   written = shards.write_split(output_dir, split, convs, records_per_shard)
   stats["shards"] = len(written)
   return stats
-
-
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--input", required=True, help="folder of conversation folders")
-  p.add_argument("--output", required=True, help="dataset directory (manifest.json + shards)")
-  p.add_argument("--split", default="train")
-  p.add_argument("--records-per-shard", type=int, default=1024)
-  args = p.parse_args(argv)
-  try:
-    stats = convert(args.input, args.output, args.split, args.records_per_shard)
-  except (ConversionError, record.RecordError, wav.WavError) as e:
-    raise SystemExit(f"error: {e}") from e
-  print(
-    f"wrote {stats['conversations']} conversations in {stats['shards']} shards to {args.output}; resampled {stats['resampled']} WAVs to 16 kHz"
-  )
-
-
-if __name__ == "__main__":
-  main()

@@ -110,7 +110,7 @@ def read_split(data_dir, split: str, verify: bool = True) -> list[Shard]:
   data_dir = Path(data_dir)
   path = data_dir / MANIFEST
   if not path.exists():
-    raise ManifestError(f"{path}: no manifest; write data with data_pipeline.convert or data_pipeline.synthetic")
+    raise ManifestError(f"{path}: no manifest; write one with python -m launch.data convert (or synthetic)")
   manifest = json.loads(path.read_text())
   if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
     raise ManifestError(

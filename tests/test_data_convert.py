@@ -11,6 +11,7 @@ from data_pipeline import convert, pipeline, record, shards, synthetic, wav
 from data_pipeline.record import SAMPLE_RATE
 from data_pipeline.testing import tiny_config
 from interaction import layout, text
+from launch import data as launch_data
 
 
 def write_folder(folder, conv: record.Conversation, rate=SAMPLE_RATE):
@@ -41,7 +42,7 @@ def test_converts_a_folder_exactly(tmp_path):
   convs = [synthetic.conversation(2, i) for i in (0, 2, 5)]
   for c in convs:
     write_folder(tmp_path / "in" / c.id, c)
-  convert.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+  assert launch_data.main(["convert", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 0
   (shard,) = shards.read_split(tmp_path / "out", "train")
   from array_record.python.array_record_module import ArrayRecordReader
 
@@ -104,8 +105,9 @@ def test_event_outside_the_audio_is_refused_naming_the_conversation(tmp_path):
   tr = json.loads((tmp_path / "in" / "a" / "transcript.json").read_text())
   tr["user"].append({"word": "late", "start": conv.duration + 1.0, "end": conv.duration + 1.5})
   (tmp_path / "in" / "a" / "transcript.json").write_text(json.dumps(tr))
-  with pytest.raises(SystemExit, match=f"conversation '{conv.id}'.*outside its audio"):
-    convert.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+  with pytest.raises(SystemExit, match=f"^error: .*conversation '{conv.id}'.*outside its audio") as e:
+    launch_data.main(["convert", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+  assert e.value.code == 2 and "\n" not in str(e.value)
 
 
 def espeak(words: str, path):
