@@ -8,12 +8,14 @@ scipy). Word boundaries come from espeak-ng's word events (the sample at which
 each word starts); a word ends where its sound does (the last sample above a
 small threshold before the next word starts).
 
-espeak-ng keeps state from one utterance to the next inside a process (its pitch
-and flutter phase; re-initializing or reseeding does not reset it), so an
-utterance's samples depend slightly on what the process said before (a few
-samples of length, the waveform's phase). A split is reproducible because the
-generator synthesizes it in order in one process; one conversation generated
-alone may differ from its copy in a split by that much.
+Voices mix in noise from espeak-ng's random generator and the C library's
+``rand()``, both reseeded before every utterance, so a dataset is reproducible from process to process. espeak-ng also
+keeps state from one utterance to the next inside a process (its pitch and flutter
+phase; re-initializing does not reset it), so an utterance's samples depend
+slightly on what the process said before (a few samples of length, the waveform's
+phase). A split is reproducible because the generator synthesizes it in order in
+one process; one conversation generated alone may differ from its copy in a split
+by that much.
 
 A ``Voice`` is an accent (an English espeak-ng language), a variant (one of the
 ~100 voice variants: formants, breathiness, pitch contour), a rate in words per
@@ -94,6 +96,7 @@ class _Engine:
     if self.rate <= 0:
       raise SpeechUnavailableError(f"espeak_Initialize failed ({self.rate}) with data at {data}")
     self.lock = threading.Lock()
+    self.libc = ctypes.CDLL(None)
     self._chunks: list[np.ndarray] = []
     self._words: list[int] = []
     self._cb = _CALLBACK(self._collect)  # kept referenced: espeak-ng holds the pointer
@@ -118,6 +121,10 @@ class _Engine:
       for param, value in ((_RATE, voice.rate), (_PITCH, voice.pitch), (_RANGE, voice.range), (_VOLUME, 100)):
         self.lib.espeak_SetParameter(param, int(value), 0)
       self._chunks, self._words = [], []
+      # Voices mix in noise from espeak-ng's random generator and the C library's rand(): both seeded per
+      # utterance, the same words in the same voice give the same samples in every process.
+      self.lib.espeak_ng_SetRandSeed(ctypes.c_long(0))
+      self.libc.srand(0)
       self.lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None)
       self.lib.espeak_Synchronize()
       pcm = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
