@@ -54,7 +54,8 @@ def main(argv=None) -> int:
   print(f"{'task':<22}{'says the right byte':>20}{'stays silent':>14}{'mean log p':>12}")
   for task_id in sorted(scores):
     s = scores[task_id]
-    print(f"{synthetic.TASKS[task_id]:<22}{s['spoken_acc']:>20.1%}{s['silent_acc']:>14.1%}{s['mean_logprob']:>12.3f}")
+    spoken = f"{s['spoken_acc']:.1%}" if s["spoken_slots"] else "(says nothing)"
+    print(f"{synthetic.TASKS[task_id]:<22}{spoken:>20}{s['silent_acc']:>14.1%}{s['mean_logprob']:>12.3f}")
   print("(greedy choice per text_out slot given the true past, teacher-forced at every 200 ms tick)")
   print()
   print("free-running evaluation: held-out conversations streamed through the sessions engine in simulated real time")
