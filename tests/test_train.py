@@ -228,7 +228,9 @@ def test_too_many_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, data_di
 
 
 LEARNING_STEPS = 150  # a quarter of the demo's 600-step budget
-TEXT_CE_THRESHOLD = 0.25  # nats; the unigram entropy of held-out text_out bytes is ~1.05
+# nats; the unigram entropy of held-out text_out bytes is ~1.05. 0.25 held while the user's words were
+# also written into text_in; audio only (issue 12: the model must hear them) 150 steps reach ~0.31.
+TEXT_CE_THRESHOLD = 0.35
 FLOW_THRESHOLD = 0.25  # from ~1.3 at initialisation
 
 
