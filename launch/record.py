@@ -15,27 +15,36 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
-import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from data_pipeline import speech, wav
+from launch import cli
 from serving import live_client, protocol
 
-_URL = flags.DEFINE_string("url", "ws://127.0.0.1:8000/v1/session", "The server's session endpoint.")
-_TOKEN = flags.DEFINE_string("token", None, "Bearer token (default: --token_file, else $INTERACTION_SERVER_TOKEN).")
-_TOKEN_FILE = flags.DEFINE_string("token_file", None, "File holding the bearer token.")
-_SAY = flags.DEFINE_string("say", "what is two plus three", "What the user says (espeak-ng).")
-_VOICE = flags.DEFINE_string("voice", "en-us+f4", "espeak-ng voice of the user: accent[+variant].")
-_RATE = flags.DEFINE_integer("rate", 170, "Words per minute of the user's voice.")
-_WAV = flags.DEFINE_string("wav", None, "Send this WAV file (any rate/channels) instead of --say.")
-_AT = flags.DEFINE_float("at", 0.6, "Seconds of silence before the user speaks.")
-_TALK_OVER = flags.DEFINE_string("talk_over", None, "A second voice that talks over the model, e.g. 'stop please'.")
-_TALK_VOICE = flags.DEFINE_string("talk_over_voice", "en-gb-scotland+m3", "espeak-ng voice of the second speaker.")
-_TALK_DELAY = flags.DEFINE_float("talk_over_delay", 0.4, "Seconds after the model starts speaking.")
-_SECONDS = flags.DEFINE_float("seconds", 8.0, "Length of the session.")
-_OUTPUT = flags.DEFINE_string("output", "session.wav", "Stereo WAV to write (left: user, right: model).")
+FLAGS = cli.flag_values()
+_URL = flags.DEFINE_string("url", "ws://127.0.0.1:8000/v1/session", "The server's session endpoint.", flag_values=FLAGS)
+_TOKEN = flags.DEFINE_string(
+  "token", None, "Bearer token (default: --token_file, else $INTERACTION_SERVER_TOKEN).", flag_values=FLAGS
+)
+_TOKEN_FILE = flags.DEFINE_string("token_file", None, "File holding the bearer token.", flag_values=FLAGS)
+_SAY = flags.DEFINE_string("say", "what is two plus three", "What the user says (espeak-ng).", flag_values=FLAGS)
+_VOICE = flags.DEFINE_string("voice", "en-us+f4", "espeak-ng voice of the user: accent[+variant].", flag_values=FLAGS)
+_RATE = flags.DEFINE_integer("rate", 170, "Words per minute of the user's voice.", flag_values=FLAGS)
+_WAV = flags.DEFINE_string("wav", None, "Send this WAV file (any rate/channels) instead of --say.", flag_values=FLAGS)
+_AT = flags.DEFINE_float("at", 0.6, "Seconds of silence before the user speaks.", flag_values=FLAGS)
+_TALK_OVER = flags.DEFINE_string(
+  "talk_over", None, "A second voice that talks over the model, e.g. 'stop please'.", flag_values=FLAGS
+)
+_TALK_VOICE = flags.DEFINE_string(
+  "talk_over_voice", "en-gb-scotland+m3", "espeak-ng voice of the second speaker.", flag_values=FLAGS
+)
+_TALK_DELAY = flags.DEFINE_float("talk_over_delay", 0.4, "Seconds after the model starts speaking.", flag_values=FLAGS)
+_SECONDS = flags.DEFINE_float("seconds", 8.0, "Length of the session.", flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string(
+  "output", "session.wav", "Stereo WAV to write (left: user, right: model).", flag_values=FLAGS
+)
 
 
 def _voice(name: str, rate: int) -> speech.Voice:
@@ -55,12 +64,13 @@ def _token() -> str:
     return pathlib.Path(_TOKEN_FILE.value).read_text().strip()
   token = os.environ.get(protocol.TOKEN_ENV)
   if not token:
-    raise app.UsageError(f"no token: pass --token, --token_file or set {protocol.TOKEN_ENV}")
+    raise cli.UsageError(f"no token: pass --token, --token_file or set {protocol.TOKEN_ENV}")
   return token
 
 
-def main(argv) -> int:
-  del argv
+def main(argv=None) -> int:
+  """Stream the user's side to the server in real time, record both sides, write the WAV."""
+  cli.parse(FLAGS, argv, doc=__doc__, prog="python -m launch.record")
   if _WAV.value:
     x, rate = wav.read_wav(_WAV.value)
     user = wav.to_int16(wav.resample(x, rate, live_client.SAMPLE_RATE))
@@ -95,4 +105,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  cli.run(main, refused=(OSError, wav.WavError))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from launch import aot, cli, convert, data, demo, evaluate, inspect, loadtest, local, pod, serve, train
+from launch import aot, cli, convert, data, demo, evaluate, inspect, loadtest, local, pod, record, serve, train
 
 ROOT = pathlib.Path(__file__).parent.parent
 # (module, its flags, the argv prefix that selects a command)
@@ -19,6 +19,7 @@ ENTRY_POINTS = [
   (evaluate, evaluate.FLAGS, []),
   (serve, serve.FLAGS, []),
   (loadtest, loadtest.FLAGS, []),
+  (record, record.FLAGS, []),
   (local, local.FLAGS, []),
   (pod, pod.FLAGS, []),
   (data, data.SYNTHETIC, ["synthetic"]),
