@@ -129,26 +129,14 @@ def dequantize(codes: np.ndarray, levels: int, lo: float, hi: float) -> np.ndarr
 def _stft(y_BX: np.ndarray, num_frames: int, cfg: MelConfig) -> np.ndarray:
   """[B, num_frames, n_fft // 2 + 1] spectra of the causal 2-hop frames of each row of ``y_BX``."""
   b = y_BX.shape[0]
-  halves = np.zeros((b, num_frames + 1, cfg.hop), np.float32)  # one hop of zeros before sample 0
-  halves[:, 1:] = y_BX[:, : num_frames * cfg.hop].reshape(b, num_frames, cfg.hop)
-  frames = np.concatenate([halves[:, :-1], halves[:, 1:]], axis=-1)  # frame i ends at sample (i + 1) * hop
-  return np.fft.rfft(frames * _window(cfg.win), n=cfg.n_fft, axis=-1)
+  padded = np.zeros((b, (num_frames + 1) * cfg.hop), np.float32)  # one hop of zeros before sample 0
+  padded[:, cfg.hop :] = y_BX[:, : num_frames * cfg.hop]
+  return _hop_frames(padded, cfg)  # frame i ends at sample (i + 1) * hop
 
 
 def _istft(spec_BFK: np.ndarray, cfg: MelConfig) -> np.ndarray:
   """Weighted overlap-add inverse of ``_stft`` (frames of 2 hops), float32 [B, num_frames * hop]."""
-  w = _window(cfg.win)
-  frames = np.fft.irfft(spec_BFK, n=cfg.n_fft, axis=-1)[..., : cfg.win] * w
-  b, num = frames.shape[:2]
-  # Frame i spans hops i-1 and i; start one hop before 0 and drop it after summing.
-  out = np.zeros((b, num + 1, cfg.hop), np.float32)
-  norm = np.zeros((num + 1, cfg.hop), np.float32)
-  halves = frames.reshape(b, num, 2, cfg.hop)
-  out[:, :num] += halves[:, :, 0]
-  out[:, 1:] += halves[:, :, 1]
-  norm[:num] += (w * w)[: cfg.hop]
-  norm[1:] += (w * w)[cfg.hop :]
-  return (out / np.maximum(norm, 1e-3))[:, 1:].reshape(b, -1)
+  return _hop_overlap_add(spec_BFK, cfg)[:, cfg.hop :]  # frame i spans hops i-1 and i: drop the hop before 0
 
 
 def waveform(cfg: MelConfig, logmel: np.ndarray, iters: int = 32, mel_iters: int = 50, seed: int = 0) -> np.ndarray:
