@@ -1,6 +1,7 @@
 """Shared builders for the tests: the fixtures of ``interaction.testing`` (benchmarks use them too), and a live
 server started on a checkpoint the way a user starts it."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -35,6 +36,26 @@ __all__ = [
 ROOT = pathlib.Path(__file__).parent.parent
 
 
+@contextlib.contextmanager
+def running_server(checkpoint, token: str, slots: int):
+  """``python -m launch.serve`` on a free port: yields (the process, its session URL); killed on exit."""
+  env = {**os.environ, protocol.TOKEN_ENV: token, "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "launch.serve", "--checkpoint", str(checkpoint), "--port", "0", "--slots", str(slots)]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+  try:
+    lines = []
+    for line in proc.stdout:
+      lines.append(line)
+      if line.startswith("ready: "):
+        break
+    else:
+      raise AssertionError("the server did not start:\n" + "".join(lines[-40:]))
+    yield proc, line.split()[1]
+  finally:
+    proc.kill()
+    proc.wait()
+
+
 def serve_a_session(checkpoint, ticks: int = 3, token: str = "test-token-e", timeout: float = 240) -> dict:
   """Start ``python -m launch.serve`` on ``checkpoint`` (localhost, a free port), open one WebSocket session,
   send ``ticks`` micro-turns of a tone and read until ``ticks`` tick events came back; then SIGTERM.
@@ -43,18 +64,8 @@ def serve_a_session(checkpoint, ticks: int = 3, token: str = "test-token-e", tim
   """
   from websockets.sync.client import connect
 
-  env = {**os.environ, protocol.TOKEN_ENV: token, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "launch.serve", "--checkpoint", str(checkpoint), "--port", "0", "--slots", "1"]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-  try:
-    lines = []
-    for line in proc.stdout:
-      lines.append(line)
-      if line.startswith("ready: "):
-        url = line.split()[1] + f"?token={token}"
-        break
-    else:
-      raise AssertionError("the server did not start:\n" + "".join(lines[-40:]))
+  with running_server(checkpoint, token, slots=1) as (proc, url):
+    url += f"?token={token}"
     got = {"started": None, "ticks": [], "audio": []}
     t = np.arange(protocol.SAMPLES_PER_TICK) / protocol.SAMPLE_RATE
     pcm = (3000 * np.sin(2 * np.pi * 220 * t)).astype("<i2").tobytes()
@@ -71,6 +82,3 @@ def serve_a_session(checkpoint, ticks: int = 3, token: str = "test-token-e", tim
     proc.send_signal(signal.SIGTERM)
     got["returncode"] = proc.wait(60)
     return got
-  finally:
-    proc.kill()
-    proc.wait()

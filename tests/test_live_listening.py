@@ -20,6 +20,7 @@ import pytest
 
 from data_pipeline import speech
 from serving import live_client
+from tests.helpers import running_server
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOKEN = "live-listening-test"
@@ -47,21 +48,8 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def url(checkpoint):
-  env = {**os.environ, "INTERACTION_SERVER_TOKEN": TOKEN, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "launch.serve", "--checkpoint", str(checkpoint), "--port", "0", "--slots", "2"]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-  try:
-    lines = []
-    for line in proc.stdout:
-      lines.append(line)
-      if line.startswith("ready: "):
-        break
-    else:
-      raise AssertionError("server did not start:\n" + "".join(lines))
-    yield line.split()[1]
-  finally:
-    proc.terminate()
-    proc.wait(30)
+  with running_server(checkpoint, TOKEN, slots=2) as (_, session_url):
+    yield session_url
 
 
 def session(url, said: np.ndarray, seconds: float, **kw) -> live_client.Recording:
