@@ -47,15 +47,9 @@ def wide_config():
 
 
 def measure(config, mesh_axes, devices, steps: int, peak: float) -> dict:
-  typed = experiment(config)
-  cfg = typed.model
-  mesh = sharding.make_mesh(mesh_axes, devices)
-  graphdef, state, shardings = train.create(cfg, typed.train, mesh)
-  step = train.make_train_step(graphdef, cfg, typed.train, mesh, shardings)
+  cfg, step, state, batch = setup(config, mesh_axes, devices)
   b, n = config.data.batch_size, config.data.window_turns
-  batch = layout.random_streams(cfg.streams, (b, n), seed=0)
-  batch.update(first_turn=np.zeros(b, np.int32), turn_mask=np.ones((b, n), np.float32))
-  batch = train.global_batch(batch, mesh, cfg.rules)
+  mesh = sharding.make_mesh(mesh_axes, devices)
   t = time.perf_counter()
   state, m = step(state, batch)
   jax.block_until_ready(m)
