@@ -83,7 +83,7 @@ class _LoadWindow:
         shard, idx = self.locate(rec)
         if self.policy == "skip":
           return {"_skipped": np.int64(rec)}
-        raise record.RecordError(f"bad record: shard {shard} record {idx}: {e}") from e
+        raise shards.CorruptRecordError(f"bad record: shard {shard} record {idx}: {' '.join(str(e).split())}") from e
       out = featurize.window(self.specs, conv, first, self.window_turns)
     out["record"] = np.int32(rec)
     return out

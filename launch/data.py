@@ -15,7 +15,7 @@ import time
 
 from absl import flags
 
-from data_pipeline import convert, record, synthetic, wav
+from data_pipeline import convert, record, shards, synthetic, wav
 from data_pipeline.script import TASKS
 from launch import cli
 
@@ -46,7 +46,10 @@ def synthetic_main(argv) -> int:
   t0 = time.perf_counter()
   for split, count, seed in (("train", _S_TRAIN.value, _S_SEED.value), ("eval", _S_EVAL.value, _S_SEED.value + 1)):
     if count > 0:
-      synthetic.generate(_S_OUTPUT.value, split, count, seed, tasks, _S_RECORDS.value, _S_FRAME.value, progress=True)
+      try:
+        synthetic.generate(_S_OUTPUT.value, split, count, seed, tasks, _S_RECORDS.value, _S_FRAME.value, progress=True)
+      except shards.DatasetError as e:  # an existing manifest in --output that cannot be added to
+        raise cli.UsageError(cli.one_line(e)) from None
   total = _S_TRAIN.value + _S_EVAL.value
   dt = time.perf_counter() - t0
   print(f"wrote {total} conversations to {_S_OUTPUT.value} in {dt:.1f} s ({total / dt * 60:.0f} per minute)")
@@ -57,7 +60,7 @@ def convert_main(argv) -> int:
   cli.parse(CONVERT, argv, doc=convert.__doc__, prog="python -m launch.data convert", required=("input", "output"))
   try:
     stats = convert.convert(_C_INPUT.value, _C_OUTPUT.value, _C_SPLIT.value, _C_RECORDS.value)
-  except (convert.ConversionError, record.RecordError, wav.WavError) as e:
+  except (convert.ConversionError, record.RecordError, wav.WavError, shards.DatasetError) as e:
     raise cli.UsageError(cli.one_line(e)) from None
   print(
     f"wrote {stats['conversations']} conversations in {stats['shards']} shards to {_C_OUTPUT.value}; "

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
       max_conversations=_MAX_CONVERSATIONS.value,
       oracle=_ORACLE.value,
     )
-  except (FileNotFoundError, shards.ManifestError) as e:  # CheckpointNotFoundError included
+  except (FileNotFoundError, shards.DatasetError) as e:  # CheckpointNotFoundError included
     raise cli.UsageError(
       f"error: {e}\n(--checkpoint takes a trainer workdir or a serve checkpoint, --data a dataset directory; "
       "after make demo: --checkpoint workdir/demo --data workdir/demo/data)"
