@@ -115,7 +115,7 @@ def _existing_manifest(out_dir: Path) -> dict:
     for split in manifest["splits"]:  # every listed path is checked: a rewrite deletes the stale ones
       _split_entries(out_dir, path, manifest, split)
   except ManifestError as e:
-    raise ManifestError(f"{e} (refusing to add to it; remove {path} to start a fresh dataset)") from None
+    raise type(e)(f"{e} (refusing to add to it; remove {path} to start a fresh dataset)") from None
   return manifest
 
 
@@ -157,7 +157,7 @@ def load_manifest(data_dir) -> dict:
   try:
     manifest = json.loads(path.read_bytes())
   except json.JSONDecodeError as e:
-    raise ManifestError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})") from None
+    raise ManifestError(f"{path}: not valid JSON: {e.msg}: line {e.lineno} column {e.colno} (char {e.pos})") from None
   except (OSError, ValueError, RecursionError) as e:  # undecodable UTF-8, a directory, absurd nesting
     raise ManifestError(f"{path}: unreadable manifest ({type(e).__name__}: {' '.join(str(e).split())})") from None
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_pipeline import synthetic
+from data_pipeline import shards, synthetic
 from data_pipeline.pipeline import make_pipeline
 from interaction import distributed, flops, objective, sharding, train_step
 from interaction.ckpt import trainer as checkpoint
@@ -63,6 +63,8 @@ def prepare_data(config: ExperimentConfig, workdir: pathlib.Path) -> pathlib.Pat
     data_dir = pathlib.Path(config.data.dir)
     if not (data_dir / "manifest.json").exists():
       raise FileNotFoundError(f"--config.data.dir={data_dir} has no manifest.json; convert data into it first")
+    # Before any model exists: a broken dataset is one line (exit 2) in seconds, not a traceback after init.
+    shards.check_dataset(data_dir, decode=config.data.bad_records == "fail")
     return data_dir
   data_dir = workdir / "data"
   if jax.process_index() == 0 and not (data_dir / "manifest.json").exists():
