@@ -183,6 +183,17 @@ def test_rewriting_a_split_never_deletes_outside_the_dataset(good, tmp_path):
   assert victim.exists() and sorted(p.name for p in d.iterdir()) == before
 
 
+@pytest.mark.parametrize("case", [invalid_json, dotdot_path], ids=lambda c: c.__name__)
+def test_launch_data_refuses_to_add_to_a_broken_dataset(good, tmp_path, case):
+  from launch import data
+
+  d, name, words = broken(good, tmp_path, case)
+  before = (d / shards.MANIFEST).read_bytes()
+  with pytest.raises(SystemExit, match=f"^error: {d / name}: .*{words}.*remove {d / shards.MANIFEST}") as e:
+    data.main(["synthetic", f"--output={d}", "--train=2", "--eval=0"])
+  assert e.value.code == 2 and (d / shards.MANIFEST).read_bytes() == before
+
+
 def test_a_bad_record_is_named_by_file_and_index(good, tmp_path):
   d = tmp_path / "data"
   shutil.copytree(good, d)

@@ -153,7 +153,7 @@ def planted_dir(tmp_path, bad=(5,)):
 def test_bad_record_fails_naming_shard_and_index(tmp_path):
   d = planted_dir(tmp_path)
   it = make(d, num_epochs=1, shuffle=False)
-  with pytest.raises(Exception, match=r"train-00001-of-00003\.array_record record 1"):
+  with pytest.raises(shards.CorruptRecordError, match=r"train-00001-of-00003\.array_record record 1"):
     list(it)
 
 
