@@ -8,7 +8,10 @@ A dataset directory holds ``manifest.json`` and the shard files of each split::
                                     "turns": [41, 37, ...]}, ...]}}}
 
 ``turns`` is each record's number of micro-turns, so the pipeline can enumerate
-windows without reading any record.
+windows without reading any record. Shard files lie inside the dataset directory
+(no absolute paths, ``..`` or symlinks out). Every fault a reader finds is a
+``DatasetError`` (a ValueError) whose message is one line naming the file (and
+record); ``check_dataset`` finds them before a training job builds its model.
 """
 
 from __future__ import annotations
