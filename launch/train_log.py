@@ -15,33 +15,74 @@ def log(msg: str) -> None:
 
 
 class MetricsWriter:
-  """Writes scalars to ``metrics.jsonl`` and TensorBoard events under ``workdir``."""
+  """Writes scalars to ``metrics.jsonl`` and TensorBoard events under ``workdir``.
 
-  def __init__(self, workdir, enabled: bool = True):
+  A run resumed at step ``resumed_at`` first drops the JSONL rows logged past that step by the
+  interrupted run (they are logged again) and has TensorBoard purge them (``purge_step``), so
+  every step appears once in both.
+  """
+
+  def __init__(self, workdir, enabled: bool = True, resumed_at: int | None = None):
     self.workdir = pathlib.Path(workdir)
     self.enabled = enabled
-    self._jsonl = open(self.workdir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
-    self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter
+    self.path = self.workdir / "metrics.jsonl"
+    self._jsonl = self._tb = None
+    if not enabled:
+      return
+    if resumed_at is not None and self.path.exists():
+      self._rewrite(lambda row: row.get("step", 0) <= resumed_at)
+    self._jsonl = open(self.path, "a")  # noqa: SIM115
+    from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    purge = None if resumed_at is None else resumed_at + 1
+    self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
 
-  def write(self, step: int, scalars: dict) -> None:
+  def _rows(self) -> list[dict]:
+    rows = []
+    for line in self.path.read_text().splitlines():
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        continue  # a line torn by a kill mid-write
+    return rows
+
+  def _rewrite(self, keep) -> bool:
+    """Keep the rows ``keep`` accepts (atomic replace); True if any row was dropped."""
+    rows = self._rows()
+    kept = [r for r in rows if keep(r)]
+    tmp = self.path.with_name(self.path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(self.path)
+    return len(kept) != len(rows)
+
+  def write(self, step: int, scalars: dict, *, replace: bool = False) -> None:
+    """One row at ``step``; with ``replace`` a row of the same step and keys (a re-run's evaluation)
+    is replaced in the JSONL and not added to TensorBoard a second time."""
     if not self.enabled:
       return
     row = {"step": int(step)}
     for key, value in scalars.items():
       value = np.asarray(value)
-      if value.ndim == 0:
-        row[key] = float(value)
-        self._tb.add_scalar(key, float(value), int(step))
-      else:
-        row[key] = value.tolist()
-        for i, v in enumerate(value.reshape(-1)):
-          self._tb.add_scalar(f"{key}/{i}", float(v), int(step))
+      row[key] = float(value) if value.ndim == 0 else value.tolist()
+    replaced = False
+    if replace:
+      self._jsonl.close()
+      replaced = self._rewrite(lambda r: not (r.get("step") == row["step"] and r.keys() == row.keys()))
+      self._jsonl = open(self.path, "a")  # noqa: SIM115
+    if not replaced:
+      self._add_tb(int(step), row)
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
+
+  def _add_tb(self, step: int, row: dict) -> None:
+    for key, value in row.items():
+      if key == "step":
+        continue
+      if isinstance(value, list):
+        for i, v in enumerate(np.asarray(value).reshape(-1)):
+          self._tb.add_scalar(f"{key}/{i}", float(v), step)
+      else:
+        self._tb.add_scalar(key, value, step)
 
   def close(self) -> None:
     if self.enabled:

@@ -137,12 +137,12 @@ def evaluate(config: ExperimentConfig, data_dir, params, eval_loss, cfg, mesh, m
 
 
 def restore_or_init(config, cfg, tc, mesh, ckpt: checkpoint.Checkpointer, resume: bool):
+  """The newest intact committed step (a corrupt newer one is set aside and named), else a fresh state."""
   graphdef, state, shardings = train_step.create(cfg, tc, mesh, seed=tc.seed)
-  step = ckpt.latest_step() if resume else None
-  if step is None:
+  if not resume or not ckpt.all_steps():
     return graphdef, state, shardings, None, 0
   target = train_step.abstract_state(jax.eval_shape(lambda s: s, state), shardings)
-  restored, data_state, _ = ckpt.restore(step, target._asdict())
+  step, restored, data_state, _ = ckpt.restore_latest_intact(target._asdict(), log=log)
   log(f"resumed from step {step} ({ckpt.directory})")
   return graphdef, train_step.TrainState(**restored), shardings, data_state, step
 
@@ -172,16 +172,16 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   mesh = sharding.make_mesh(config.mesh.axes())
   train_step.check_batch_size(config.data.batch_size, mesh, cfg.rules)
   saved = json.loads(json.dumps(config.to_dict()))  # every field, defaults included: what ran
-  if main:
-    (workdir / "config.json").write_text(json.dumps(saved, indent=1))
   data_dir = prepare_data(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
   graphdef, state, shardings, data_state, start = restore_or_init(config, cfg, tc, mesh, ckpt, resume)
+  if main:  # only now: a refused resume leaves the workdir's config (and its checkpoints' readers) as they were
+    _write_atomic(workdir / "config.json", json.dumps(saved, indent=1))
   it, whole = pipeline(config, data_dir, split="train")
   if data_state:
     it.set_state(data_state)
   step_fn = train_step.make_train_step(graphdef, cfg, tc, mesh, shardings)
-  writer = MetricsWriter(workdir, enabled=main)
+  writer = MetricsWriter(workdir, enabled=main, resumed_at=start or None)
   # Measured on this process's first device; only process 0 reports MFU.
   peak = flops.measure_matmul_peak() if main else float("nan")
   window_flops = flops.train_flops_per_window(cfg, config.data.window_turns)
@@ -221,6 +221,7 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
     # Read where the host waits anyway, and always before a save (every process reads the same value).
     if (logged or save) and (bad := watch.tripped()) is not None:
       bar.close()
+      ckpt.wait()  # an in-flight save commits (or fails) now, not at interpreter exit: name what is really there
       raise NonFiniteError(
         f"step {bad}: {tc.max_bad_steps} non-finite steps in a row (loss or gradient NaN/Inf); "
         f"stopping. The last committed checkpoint is step {ckpt.latest_step()}"
@@ -238,7 +239,7 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
     _close(writer, ckpt, it)
     return {"step": int(state.step), "preempted": True, "checkpoint": ckpt.latest_step()}
   eval_losses = evaluate(config, data_dir, state.params, make_eval_loss(graphdef, cfg, tc, mesh), cfg, mesh)
-  writer.write(tc.steps, {f"eval/{k}": v for k, v in eval_losses.items()})
+  writer.write(tc.steps, {f"eval/{k}": v for k, v in eval_losses.items()}, replace=True)
   _close(writer, ckpt, it)
   summary = _summary(state, last_losses, eval_losses)
   distributed.barrier("finished")
@@ -264,6 +265,12 @@ def _log_metrics(writer, bar, step: int, m: dict, state, tokens_per_sec: float, 
   writer.write(step, dict(m, tokens_per_sec=tokens_per_sec, mfu=mfu, skipped_steps=int(state.skipped)))
   bar.update(step, losses.get("total", float("nan")), tokens_per_sec)
   return losses
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def _close(writer, ckpt, it) -> None:

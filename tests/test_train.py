@@ -1,10 +1,13 @@
 """Training: exact resume across SIGKILL, crash-consistent checkpoints, mesh change, non-finite guard."""
 
+import collections
 import json
 import os
 import pathlib
 import random
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -100,12 +103,12 @@ def run_and_kill(workdir, data_dir, kill_after_save_of: int, delay: float):
 def reference(tmp_path_factory, data_dir):
   workdir = tmp_path_factory.mktemp("straight")
   stdout = run_to_end(workdir, data_dir)
-  return summary_of(stdout), losses_by_step(workdir)
+  return summary_of(stdout), losses_by_step(workdir), workdir
 
 
 @pytest.mark.parametrize("trial", [0, 1, 2])
 def test_sigkill_during_async_save_then_resume_is_exact(trial, tmp_path, data_dir, reference):
-  ref_summary, ref_losses = reference
+  ref_summary, ref_losses, _ = reference
   rng = random.Random(trial)
   kill_step, delay = (20, 0.0) if trial == 0 else (rng.choice([10, 20, 30]), rng.uniform(0.0, 0.3))
   run_and_kill(tmp_path, data_dir, kill_step, delay)
@@ -120,6 +123,71 @@ def test_sigkill_during_async_save_then_resume_is_exact(trial, tmp_path, data_di
   for step in range(21, STEPS + 1):
     assert losses[step] == ref_losses[step], f"step {step}: {losses[step]!r} != {ref_losses[step]!r}"
   assert summary_of(stdout)["params_sha256"] == ref_summary["params_sha256"]
+
+
+def metric_rows(workdir) -> list[dict]:
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_scalars(logdir) -> dict:
+  """``{(tag, step): count}`` as TensorBoard shows a log directory: event files in order, and a
+  ``SessionLog.START`` at step s hides the events at steps >= s read before it (``purge_step``)."""
+  from tensorboardX.proto import event_pb2
+
+  seen = collections.Counter()
+  for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+      pos += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        seen = collections.Counter({k: n for k, n in seen.items() if k[1] < event.step})
+      for value in event.summary.value:
+        seen[(value.tag, event.step)] += 1
+  return seen
+
+
+def test_a_flip_in_the_newest_step_resumes_from_the_previous_intact_one_bitwise(tmp_path, data_dir, reference):
+  """Storage corrupts the finished run's newest step; a re-run sets it aside, resumes from the step before,
+  ends bitwise equal to the uninterrupted run and leaves every metric step once (JSONL and TensorBoard)."""
+  ref_summary, ref_losses, ref_workdir = reference
+  workdir = shutil.copytree(ref_workdir, tmp_path / "run")
+  assert checkpoint.Checkpointer(workdir / "checkpoints").all_steps() == [20, 30, 40]
+  victim = max((workdir / "checkpoints" / "40" / "state").rglob("*"), key=lambda p: p.stat().st_size)
+  data = bytearray(victim.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  victim.write_bytes(data)
+  stdout = run_to_end(workdir, data_dir)
+  assert f"{victim.relative_to(workdir / 'checkpoints' / '40')}: CRC-32C" in stdout
+  assert "moved it to 40.corrupt" in stdout and "resumed from step 30 " in stdout
+  assert summary_of(stdout)["params_sha256"] == ref_summary["params_sha256"]
+  assert losses_by_step(workdir) == ref_losses
+  rows = metric_rows(workdir)
+  assert [r["step"] for r in rows if "total" in r] == list(range(1, STEPS + 1))
+  assert [r["step"] for r in rows if "eval/total" in r] == [STEPS]
+  scalars = tensorboard_scalars(workdir / "tensorboard")
+  assert {s for (tag, s) in scalars if tag == "total"} == set(range(1, STEPS + 1))
+  assert max(scalars.values()) == 1, [k for k, n in scalars.items() if n > 1][:5]
+  # A finished run started again evaluates again and replaces its evaluation row.
+  run_to_end(workdir, data_dir)
+  assert [r["step"] for r in metric_rows(workdir) if "eval/total" in r] == [STEPS]
+  assert max(tensorboard_scalars(workdir / "tensorboard").values()) == 1
+
+
+def test_a_refused_resume_names_the_parameter_and_leaves_config_json_as_it_was(tmp_path, data_dir, reference):
+  workdir = shutil.copytree(reference[2], tmp_path / "run")
+  before = (workdir / "config.json").read_bytes()
+  config = tiny.get_config()
+  for key, value in dict(OVERRIDES, **{"data.dir": str(data_dir), "model.d_model": 64}).items():
+    section, field = key.split(".")
+    config[section][field] = value
+  with pytest.raises(
+    ValueError,
+    match=r"does not match the model config: .*: the checkpoint holds shape \(.*\), the config builds \(.*64",
+  ):
+    trainer.run(experiment(config), workdir, progress=False)
+  assert (workdir / "config.json").read_bytes() == before
 
 
 def small_training(seed: int):
@@ -225,6 +293,21 @@ def test_too_many_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, data_di
   with pytest.raises(trainer.NonFiniteError, match=r"step 6: 3 non-finite steps in a row"):
     trainer.run(experiment(config), tmp_path, progress=False)
   assert checkpoint.Checkpointer(tmp_path / "checkpoints").all_steps() == []
+
+
+def test_the_nonfinite_stop_names_a_step_that_is_committed(tmp_path, data_dir, monkeypatch):
+  """A save in flight when the streak trips is finished before the step is named (not abandoned at exit)."""
+  config = tiny.get_config()
+  for key, value in dict(OVERRIDES, **{"data.dir": str(data_dir)}).items():
+    section, field = key.split(".")
+    config[section][field] = value
+  poison_train_batches(monkeypatch, (4, 5, 6))  # steps 5..7 are bad; the save of step 4 is then in flight
+  config.train.checkpoint_every, config.train.log_every, config.train.max_bad_steps = 4, 7, 3
+  with pytest.raises(trainer.NonFiniteError, match=r"step 7: .* The last committed checkpoint is step (\d+)") as e:
+    trainer.run(experiment(config), tmp_path, progress=False)
+  named = int(str(e.value).rsplit(" ", 1)[-1])
+  assert checkpoint.Checkpointer(tmp_path / "checkpoints").all_steps() == [4] and named == 4
+  assert not list((tmp_path / "checkpoints").glob("*tmp*"))
 
 
 LEARNING_STEPS = 150  # a quarter of the demo's 600-step budget

@@ -2,8 +2,9 @@
 
 ``path`` may be
 - a trainer workdir (``config.json`` + ``checkpoints/<step>/``), its ``checkpoints/``
-  directory or one step (``state/``, ``meta/``): ``state['params']`` is read by an
-  orbax partial restore, never the optimizer state;
+  directory or one step (``state/``, ``meta/``): every file of the step is checked
+  against its digest, then ``state['params']`` is read by an orbax partial restore,
+  never the optimizer state;
 - a serve checkpoint (``manifest.json`` + ``arrays/``), as ``launch.convert
   train-to-serve`` and ``hf-to-interaction`` write it: every array is verified
   against its SHA-256 before it is placed.
@@ -64,7 +65,7 @@ def _abstract_params(cfg, shardings) -> dict:
 
 def _open_trainer(path: pathlib.Path, mesh, step: int | None) -> Loaded:
   step_dir, config_file = trainer.locate(path, step)
-  check_tree(step_dir)
+  trainer.check_step(step_dir)  # before any of its files is parsed
   config = experiment(trainer.experiment_config(step_dir, config_file))
   cfg = config.model
   params = trainer.restore_params(step_dir, _abstract_params(cfg, param_shardings(cfg, mesh)))
@@ -91,7 +92,8 @@ def open_model(path, *, mesh=None, step: int | None = None) -> Loaded:
   With ``mesh=None`` the parameters land on the first device; with a mesh they are
   laid out by the model's sharding rules. Raises ``CheckpointNotFoundError`` when
   ``path`` holds no checkpoint (or not ``step``), ``ServeCheckpointError`` /
-  ``UnsafePathError`` when what it holds is altered or escapes the directory.
+  ``CorruptCheckpointError`` / ``UnsafePathError`` when what it holds is altered or
+  escapes the directory.
   """
   path = pathlib.Path(path).absolute()
   if not path.exists():

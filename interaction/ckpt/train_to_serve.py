@@ -23,7 +23,6 @@ from interaction import config as config_lib
 from interaction import experiment as experiment_lib
 from interaction.ckpt import params as params_lib
 from interaction.ckpt import serve, trainer
-from interaction.ckpt.paths import check_tree
 
 _CHUNK_BYTES = 32 << 20
 
@@ -101,7 +100,7 @@ def _release_freed_memory() -> None:
 def convert(src, dst, *, step: int | None = None, dtype: str | None = None, mesh_hint: dict | None = None) -> dict:
   """Write the params of trainer checkpoint ``src`` (latest or ``step``) as a serve checkpoint at ``dst``."""
   path, config_file = trainer.locate(src, step)
-  check_tree(path)
+  trainer.check_step(path)  # confinement and every file's digest, before anything is parsed
   cfg, experiment = model_config_of(path, config_file)
   cfg = cfg if dtype is None else dataclasses.replace(cfg, param_dtype=dtype)
   serve.dtype_of(cfg.param_dtype)

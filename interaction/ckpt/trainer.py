@@ -5,6 +5,9 @@ metadata (the experiment config, mesh and parameter manifest). Orbax writes a
 step into a temporary directory and renames it when complete, so a crash during
 an async save leaves only committed steps visible; ``max_to_keep`` never
 deletes the newest committed step. A state with non-finite values is refused.
+Just before the rename the primary host writes ``digests.json`` (``verify``): every
+read checks the step's bytes first and refuses an altered one with
+``CorruptCheckpointError``; ``restore_latest_intact`` falls back past such steps.
 
 On disk: ``<workdir>/config.json`` and ``<workdir>/checkpoints/<step>/{state,data,meta}``.
 ``locate``, ``experiment_config`` and ``restore_params`` read that layout without
@@ -23,7 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from interaction.ckpt.paths import CheckpointNotFoundError
+from interaction import distributed
+from interaction.ckpt import verify
+from interaction.ckpt.paths import CheckpointNotFoundError, UnsafePathError, check_tree
+from interaction.ckpt.verify import CorruptCheckpointError
 
 
 class NonFiniteCheckpointError(ValueError):
@@ -59,26 +65,48 @@ def param_manifest(params) -> dict:
 
 
 class Checkpointer:
-  """Save and restore (train state, data state, metadata) by step under ``directory``."""
+  """Save and restore (train state, data state, metadata) by step under ``directory``.
+
+  Every save goes through orbax's async path (``async_save=False`` waits for it), so each
+  committed step gets its digests from the post-finalization callback.
+  """
 
   def __init__(self, directory, *, keep: int = 3, async_save: bool = True):
     self.directory = pathlib.Path(directory).absolute()
+    self.async_save = async_save
+    self._saving: int | None = None
     self.manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_digests),
+      ),
     )
 
+  def _write_digests(self) -> None:
+    """Runs on the primary host after every process wrote the step and before orbax renames it."""
+    tmp = [p for p in self.directory.glob(f"{self._saving}.orbax-checkpoint-tmp*") if p.is_dir()]
+    if len(tmp) != 1:
+      raise RuntimeError(f"cannot find the temporary directory of step {self._saving} under {self.directory}: {tmp}")
+    verify.write(tmp[0])
+
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    """The newest committed step (renamed by orbax, with its digests)."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return committed_steps(self.directory) if self.directory.is_dir() else []
 
   def save(self, step: int, state, data_state: dict | None, meta: dict) -> None:
     """Start an async save of ``step``; returns once arrays are copied off the device."""
     if not all_finite(state):
       raise NonFiniteCheckpointError(f"refusing to checkpoint step {step}: the state holds NaN or Inf values")
     meta = dict(meta, manifest=param_manifest(state["params"]) if isinstance(state, dict) else None)
+    self.manager.wait_until_finished()  # the digest callback of the previous step names it by ``_saving``
+    self._saving = step
     self.manager.save(
       step,
       args=ocp.args.Composite(
@@ -87,13 +115,24 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta),
       ),
     )
+    if not self.async_save:
+      self.manager.wait_until_finished()
+
+  def check(self, step: int) -> None:
+    """Raise ``CorruptCheckpointError`` unless every file of ``step`` matches its digest (all processes)."""
+    check_step(self.directory / str(step))
 
   def restore(self, step: int, target):
-    """Restore ``step`` onto the shardings carried by ``target`` (ShapeDtypeStructs).
+    """Restore ``step`` onto the shardings carried by ``target`` (ShapeDtypeStructs), after checking its bytes.
 
     ``target`` may describe another mesh than the one that saved: orbax reads
-    each array's slices for the new layout.
+    each array's slices for the new layout. A parameter whose shape or dtype differs
+    from the step's manifest is named (``ValueError``) before orbax reads anything.
     """
+    self.check(step)
+    step_dir = self.directory / str(step)
+    if isinstance(target, dict) and "params" in target:
+      check_params(step_dir, target["params"])
     out = self.manager.restore(
       step,
       args=ocp.args.Composite(
@@ -101,6 +140,36 @@ class Checkpointer:
       ),
     )
     return out["state"], out["data"], out["meta"]
+
+  def restore_latest_intact(self, target, log=print):
+    """``(step, state, data, meta)`` of the newest step that passes its digests, or None with no step.
+
+    A corrupt newer step is renamed ``<step>.corrupt`` (kept for inspection, invisible to orbax) and
+    named in the log; with no intact step left, the last ``CorruptCheckpointError`` is raised.
+    """
+    steps, error = self.all_steps(), None
+    for step in reversed(steps):
+      try:
+        self.check(step)
+      except CorruptCheckpointError as e:
+        error = e
+        self._set_aside(step)
+        log(f"checkpoint: {e}; moved it to {step}.corrupt and trying the step before")
+        continue
+      return (step, *self.restore(step, target))
+    if error is not None:
+      raise error
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      src, dst = self.directory / str(step), self.directory / f"{step}.corrupt"
+      n = 1
+      while dst.exists():
+        dst, n = self.directory / f"{step}.corrupt.{n}", n + 1
+      src.rename(dst)
+    distributed.barrier(f"checkpoint_set_aside_{step}")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -127,9 +196,47 @@ def size_bytes(tree) -> int:
 
 
 def committed_steps(directory) -> list[int]:
-  """Steps under a checkpoints directory that orbax finished (renamed to their bare number)."""
+  """Steps under a checkpoints directory that are committed: renamed by orbax to their bare number,
+  with the digests written just before that rename (an older trainer's steps have none)."""
   directory = pathlib.Path(directory)
-  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir())
+  return sorted(
+    int(p.name)
+    for p in directory.iterdir()
+    if p.name.isdigit() and p.is_dir() and (p / "state").is_dir() and (verify.has_digests(p) or p.is_symlink())
+  )
+
+
+def check_step(step_dir) -> None:
+  """The step's own checks before anything in it is parsed: confinement, then every file's digest."""
+  step_dir = pathlib.Path(step_dir)
+  if step_dir.is_symlink():
+    raise UnsafePathError(f"{step_dir} is a symlink (to {step_dir.resolve()}); a step directory holds its own files")
+  check_tree(step_dir)
+  verify.check(
+    step_dir, process_index=jax.process_index(), process_count=jax.process_count(), agree=distributed.process_sum
+  )
+
+
+def check_params(step_dir, target: dict) -> None:
+  """Refuse a parameter tree whose names or shapes differ from the step's manifest, naming the first few."""
+  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(pathlib.Path(step_dir) / "meta")
+  saved = (meta or {}).get("manifest") if isinstance(meta, dict) else None
+  if not saved:
+    return
+  want = param_manifest(target)
+  problems = [
+    f"{k}: the checkpoint holds shape {tuple(saved[k]['shape'])}, the config builds {tuple(v['shape'])}"
+    for k, v in want.items()
+    if k in saved and list(saved[k]["shape"]) != list(v["shape"])
+  ]
+  problems += [f"{k}: not in the checkpoint" for k in want if k not in saved]
+  problems += [f"{k}: in the checkpoint but not in the config's model" for k in saved if k not in want]
+  if problems:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise ValueError(
+      f"checkpoint step {pathlib.Path(step_dir).name} does not match the model config: {'; '.join(problems[:3])}{more}. "
+      "Use the config it was trained with (its meta item holds it) or a fresh workdir"
+    )
 
 
 def is_step_dir(path) -> bool:
@@ -145,6 +252,8 @@ def locate(path, step: int | None = None) -> tuple[pathlib.Path, pathlib.Path]:
   if not path.exists():
     raise CheckpointNotFoundError(f"{path}: no such directory")
   if is_step_dir(path):
+    if path.is_symlink():
+      raise UnsafePathError(f"{path} is a symlink (to {path.resolve()}); a step directory holds its own files")
     if step is not None and path.name.isdigit() and int(path.name) != step:
       raise CheckpointNotFoundError(f"{path} is step {path.name}, not the requested step {step}")
     return path, path.parent.parent / "config.json"
@@ -180,6 +289,7 @@ def restore_params(step_dir, target: dict) -> dict:
   An orbax partial restore: the optimizer moments (twice the parameters' size) never leave the disk.
   """
   step_dir = pathlib.Path(step_dir)
+  check_params(step_dir, target)
   restore_args = ocp.checkpoint_utils.construct_restore_args({"params": target})
   checkpointer = ocp.PyTreeCheckpointer()
   try:
