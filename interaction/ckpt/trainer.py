@@ -122,14 +122,15 @@ class Checkpointer:
     """Raise ``CorruptCheckpointError`` unless every file of ``step`` matches its digest (all processes)."""
     check_step(self.directory / str(step))
 
-  def restore(self, step: int, target):
+  def restore(self, step: int, target, *, checked: bool = False):
     """Restore ``step`` onto the shardings carried by ``target`` (ShapeDtypeStructs), after checking its bytes.
 
     ``target`` may describe another mesh than the one that saved: orbax reads
     each array's slices for the new layout. A parameter whose shape or dtype differs
     from the step's manifest is named (``ValueError``) before orbax reads anything.
     """
-    self.check(step)
+    if not checked:
+      self.check(step)
     step_dir = self.directory / str(step)
     if isinstance(target, dict) and "params" in target:
       check_params(step_dir, target["params"])
@@ -156,7 +157,7 @@ class Checkpointer:
         self._set_aside(step)
         log(f"checkpoint: {e}; moved it to {step}.corrupt and trying the step before")
         continue
-      return (step, *self.restore(step, target))
+      return (step, *self.restore(step, target, checked=True))
     if error is not None:
       raise error
     return None
