@@ -8,7 +8,8 @@ session that speaks), ``text_out`` becomes the tick's
 text (``calls.TextOutDecoder``: marker contents are not speech) and the session's calls become ``tool_call``
 and ``tool_result`` events.
 
-Everything but ``decode_video`` runs on the engine thread; ``SessionMedia`` is one session's carried state.
+Everything but ``check_video`` runs on the engine thread, decoding included; ``SessionMedia`` is one session's
+carried state.
 """
 
 from __future__ import annotations
@@ -111,9 +112,14 @@ class Media:
     """The model's video frame (height, width); (0, 0) without video input."""
     return self.video_in.frame_shape if self.video_in else (0, 0)
 
-  def decode_video(self, kind: int, payload: bytes) -> np.ndarray:
+  def check_video(self, kind: int, payload: bytes) -> None:
+    """The loop's checks of a video frame (``protocol.check_video``), and that the model takes video."""
     if self.video_in is None:
       raise ClientError("bad_frame", "this model has no video input")
+    protocol.check_video(kind, payload)
+
+  def decode_video(self, kind: int, payload: bytes) -> np.ndarray:
+    """A frame that passed ``check_video`` at the model's frame size (engine thread)."""
     return decode_video(kind, payload, self.video_in.frame_shape)
 
   def features(self, state: SessionMedia, pcm: np.ndarray, frame: np.ndarray | None) -> dict:

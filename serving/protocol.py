@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import struct
 
 PROTOCOL_VERSION = 1
@@ -28,6 +29,9 @@ TICK_S = TICK_MS / 1000
 SAMPLES_PER_TICK = SAMPLE_RATE * TICK_MS // 1000
 ENCODING = "pcm16"
 MAX_SIDE = 4096  # pixels: larger video frames are refused before decoding
+MAX_DEPTH = 32  # nesting of a JSON event's arrays and objects
+MAX_TEXT_FRAME = 64 << 10  # characters of a text frame (typed text is capped far lower; parsing is on the loop)
+MAX_INT_DIGITS = 64  # digits of a JSON integer literal (int() of thousands of digits is slow, past 4300 refused)
 
 # Close codes the server sends (1007 and 1009 come from the WebSocket layer itself).
 CLOSE_ENDED = 1000  # after session.end
@@ -64,6 +68,8 @@ class Limits:
   max_message_bytes: int = _limit(1 << 20, "--max-message-bytes", "larger frames close with 1009")
   # 4 s of PCM16 plus typed text
   max_buffered_input_bytes: int = _limit(128_000, "--max-buffered-input-bytes", "audio + text waiting per session")
+  # The model reads a few bytes of text_in per tick: 4096 bytes is minutes of typing it has not read yet.
+  max_pending_text_bytes: int = _limit(4096, "--max-pending-text-bytes", "typed text the model has not read yet")
   # ~4 s of speech: a reader that stops hits it before the ping timeout
   max_unsent_output_bytes: int = _limit(128 << 10, "--max-unsent-output-bytes", "past it a client closes with 1008")
   max_session_s: float = _limit(3600.0, "--max-session", "seconds before a session is closed")
@@ -113,8 +119,54 @@ def raw_size(payload: bytes) -> tuple[int, int]:
   return w, h
 
 
+def check_video(kind: int, payload: bytes) -> None:
+  """The checks of a video frame that cost nothing (decoding is the engine thread's, at the tick that uses it).
+
+  Raw: the header and the length agree. JPEG: it starts with SOI and ends with EOI (a truncated image does not).
+  """
+  if kind == RAW:
+    raw_size(payload)
+  elif not (payload.startswith(b"\xff\xd8") and payload.endswith(b"\xff\xd9")):
+    raise ClientError("bad_video", "not a whole JPEG: it must start with FF D8 (SOI) and end with FF D9 (EOI)")
+
+
 def _reject_constant(name: str):
   raise ClientError("bad_json", f"non-finite number {name} is not allowed")
+
+
+def _float(literal: str) -> float:
+  value = float(literal)
+  if not math.isfinite(value):  # 1e999: too large for a float
+    raise ClientError("bad_json", f"number {literal[:32]} is too large for a float (non-finite numbers are refused)")
+  return value
+
+
+def _int(literal: str) -> int:
+  digits = len(literal) - literal.startswith("-")
+  if digits > MAX_INT_DIGITS:
+    raise ClientError("bad_json", f"integer literal of {digits} digits: at most {MAX_INT_DIGITS}")
+  return int(literal)
+
+
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"[\[{][\]}]")
+
+
+def _too_deep(message: str) -> bool:
+  """Whether a JSON text nests arrays and objects deeper than ``MAX_DEPTH``, found at C speed without parsing it.
+
+  The parser's own guard is the interpreter's recursion limit (RecursionError, ~1000 levels), and a value that deep
+  passes it but breaks the encoder when echoed back; each pass removes the innermost bracket pairs.
+  """
+  if message.count("[") + message.count("{") <= MAX_DEPTH:
+    return False
+  skeleton = _NOT_BRACKETS.sub("", _STRINGS.sub("", message))
+  for _ in range(MAX_DEPTH):
+    skeleton = _INNERMOST.sub("", skeleton)
+    if not skeleton:
+      return False
+  return True
 
 
 def parse_event(message: str) -> dict:
@@ -123,10 +175,19 @@ def parse_event(message: str) -> dict:
   ``text`` keeps its string unchecked for size and surrogates (``typed_text`` checks it against the
   session's buffer); ``session.update``'s ``sampling`` becomes the dict of the fields it changes.
   """
+  if len(message) > MAX_TEXT_FRAME:  # refused before parsing: the loop parses every text frame
+    raise ClientError(
+      "input_overflow", f"text frame of {len(message)} characters: at most {MAX_TEXT_FRAME}; send text in pieces"
+    )
+  deep = f"JSON nested more than {MAX_DEPTH} levels deep"
+  if _too_deep(message):
+    raise ClientError("bad_json", deep)
   try:
-    event = json.loads(message, parse_constant=_reject_constant)
+    event = json.loads(message, parse_constant=_reject_constant, parse_float=_float, parse_int=_int)
   except json.JSONDecodeError as e:
     raise ClientError("bad_json", f"not JSON: {e}") from None
+  except RecursionError:
+    raise ClientError("bad_json", deep) from None
   if not isinstance(event, dict) or not isinstance(event.get("type"), str):
     raise ClientError("bad_json", 'a text frame must be a JSON object with a string "type"')
   kind = event["type"]

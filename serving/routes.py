@@ -2,7 +2,10 @@
 
 ``Routes`` is the ``process_request`` hook of the WebSocket server: it answers every plain HTTP request
 itself and lets only an authorized, admitted ``GET /v1/session`` go on to the upgrade. The table of
-routes is in ``serving/PROTOCOL.md``. (Not named ``http``: that would shadow the standard library's.)
+routes is in ``serving/PROTOCOL.md``. A request that websockets cannot parse (another method, a body,
+headers over its limits, not HTTP/1.1) is answered with its status line by ``Routes.connection``'s reading
+of the request, where websockets itself drops the connection and logs a traceback.
+(Not named ``http``: that would shadow the standard library's.)
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import secrets
 import urllib.parse
 from collections.abc import Callable
 
+from websockets import http11
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHandshake, SecurityError
 from websockets.http11 import Request, Response
+from websockets.protocol import CONNECTING, Protocol
+from websockets.server import ServerProtocol
 
 from serving.protocol import HEALTH_PATH, PROTOCOL_VERSION, SESSION_PATH, STATS_PATH, TOKEN_ENV
 
@@ -76,9 +83,9 @@ class Routes:
   def authorized(self, request: Request) -> bool:
     """The token from ``Authorization: Bearer`` or the ``token`` query parameter, compared in constant time."""
     given = ""
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer "):
-      given = header[len("Bearer ") :].strip()
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110 11.1)
+      given = credentials.strip()
     else:
       query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
       given = (query.get("token") or [""])[0]
@@ -111,3 +118,81 @@ class Routes:
       if "/" not in name and not name.startswith(".") and file.is_file():
         return response(200, file.read_bytes(), CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
     return response(404, f"no route {path}; routes are {', '.join(ROUTES)}")
+
+  def connection(self, protocol: ServerProtocol, server, **kw) -> ServerConnection:
+    """``serve``'s ``create_connection``: a connection whose protocol answers unparseable requests with a status."""
+    protocol.__class__ = HttpProtocol  # websockets builds the protocol itself; only its request reading changes
+    protocol.refused = lambda status: self.counters.update([f"refused_http_{status}"])
+    protocol.parser = protocol.parse()  # nothing was read yet: restart the parser as ours
+    next(protocol.parser)
+    return QuietConnection(protocol, server, **kw)
+
+
+class Refused(Exception):
+  """An HTTP request the server does not take: answered with ``status`` and the reason, then closed."""
+
+  def __init__(self, status: int, reason: str, **headers):
+    super().__init__(reason)
+    self.status, self.headers = status, headers
+
+
+def read_request(read_line):
+  """websockets' request parsing (``http11.Request.parse``), each refusal a ``Refused`` with its HTTP status."""
+  limit = http11.MAX_LINE_LENGTH
+  try:
+    line = yield from http11.parse_line(read_line)
+  except SecurityError:
+    raise Refused(414, f"request line over {limit} bytes") from None
+  parts = line.split(b" ", 2)
+  if len(parts) != 3:
+    raise Refused(400, "not an HTTP request line")
+  method, path, version = parts
+  if version != b"HTTP/1.1":
+    raise Refused(505, f"{version[:16].decode('ascii', 'replace')!r}: only HTTP/1.1 is served")
+  if method != b"GET":
+    raise Refused(405, f"method {method[:16].decode('ascii', 'replace')!r}: only GET is served", Allow="GET")
+  try:
+    headers = yield from http11.parse_headers(read_line)
+  except SecurityError:
+    raise Refused(431, f"headers over {http11.MAX_NUM_HEADERS} lines or a line over {limit} bytes") from None
+  except ValueError as e:
+    raise Refused(400, str(e)[:200]) from None
+  length = headers.get("Content-Length", "0").strip()
+  if "Transfer-Encoding" in headers or length != "0":
+    if not length.isdigit():
+      raise Refused(400, f"Content-Length {length[:32]!r} is not a number")
+    raise Refused(413, "requests have no body here (Content-Length must be 0, no Transfer-Encoding)")
+  return Request(path.decode("ascii", "surrogateescape"), headers)
+
+
+class HttpProtocol(ServerProtocol):
+  """websockets' server protocol, reading the opening request with ``read_request``."""
+
+  refused: Callable[[int], None] = staticmethod(lambda status: None)
+
+  def parse(self):
+    if self.state is CONNECTING:
+      try:
+        request = yield from read_request(self.reader.read_line)
+      except EOFError:  # the peer left before a whole request: nothing to answer
+        self.send_eof()
+        self.parser = self.discard()
+        next(self.parser)
+        yield
+      except Refused as e:
+        self.refused(e.status)
+        self.send_response(response(e.status, f"{e}\n", Connection="close", **e.headers))  # then EOF, discard
+        yield
+      self.events.append(request)
+    yield from Protocol.parse(self)  # frames, as ServerProtocol.parse goes on after the request
+
+
+class QuietConnection(ServerConnection):
+  """A connection whose refused upgrade (e.g. no ``Upgrade`` header: 426) is its response, not a logged traceback."""
+
+  async def handshake(self, *args, **kw) -> None:
+    try:
+      await super().handshake(*args, **kw)
+    except InvalidHandshake:
+      if self.response is None:  # nothing was answered: websockets logs it
+        raise

@@ -11,8 +11,10 @@ the model's speech, text, tool events and the tick's timing go out. This module 
 tick schedule and backpressure; the wire format is ``protocol.py`` (``PROTOCOL.md``), the HTTP side
 ``routes.py``, the media work (features, video, vocoder, text and tool events) ``media.py``.
 
-Threads: the asyncio loop reads and writes sockets and checks every frame; one engine thread owns the
-engine (join, leave, featurize, step, vocoder), so a tick never stops the loop from reading.
+Threads: the asyncio loop reads and writes sockets and checks every frame (checks that cost nothing: no decoding);
+one engine thread owns the engine (join, leave, video decode and resize, featurize, step, vocoder), so a tick never
+stops the loop from reading. Per session and tick the engine thread decodes one video frame, the newest: a client
+sending frames faster than the ticks costs no more than one sending one per tick.
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ class Client:
   released: bool = False  # its slot is free again
   session: object = None
   audio: bytearray = dataclasses.field(default_factory=bytearray)
-  video: np.ndarray | None = None  # newest frame since the last tick, at the model's frame size
+  video: tuple[int, bytes] | None = None  # the newest frame since the last tick, undecoded: (kind, payload)
   typed: list = dataclasses.field(default_factory=list)  # text to queue at the next tick
   typed_bytes: int = 0
+  text_queued: int = 0  # typed text (bytes) the model had not read at the end of the last tick
   sampling: Sampling | None = None  # settings to apply at the next tick
   outbox: collections.deque = dataclasses.field(default_factory=collections.deque)
   unsent: int = 0
@@ -124,6 +127,7 @@ class LiveServer:
       compression=None,
       max_queue=64,
       write_limit=64 << 10,
+      create_connection=self.routes.connection,
     )
     self.port = self._server.sockets[0].getsockname()[1]
     self.routes.default_origins(host, self.port)
@@ -246,6 +250,11 @@ class LiveServer:
     """Bytes the client's buffered input (audio and typed text) may still grow by."""
     return self.limits.max_buffered_input_bytes - len(client.audio) - client.typed_bytes
 
+  def _text_room(self, client: Client) -> int:
+    """Bytes of typed text the client may still send: the model reads it a few bytes a tick, the rest waits."""
+    pending = self.limits.max_pending_text_bytes - client.text_queued - client.typed_bytes
+    return min(self._room(client), pending)
+
   def _on_message(self, client: Client, message: bytes | str) -> None:
     if isinstance(message, bytes):
       self._on_binary(client, *protocol.parse_binary(message))
@@ -253,7 +262,7 @@ class LiveServer:
     event = protocol.parse_event(message)
     kind = event["type"]
     if kind == "text":
-      client.typed_bytes += protocol.typed_text(event["text"], self._room(client))
+      client.typed_bytes += protocol.typed_text(event["text"], self._text_room(client))
       client.typed.append(event["text"])
     elif kind == "session.update":
       if "sampling" in event:
@@ -273,7 +282,10 @@ class LiveServer:
       client.audio += payload
       self.counters["audio_bytes_in"] += len(payload)
     else:
-      client.video = self.media.decode_video(kind, payload)
+      self.media.check_video(kind, payload)
+      if client.video is not None:  # the tick uses the newest frame only: this one is never decoded
+        self.counters["video_frames_dropped"] += 1
+      client.video = (kind, payload)
       self.counters["video_frames_in"] += 1
 
   # -- output -----------------------------------------------------------------------
@@ -346,20 +358,29 @@ class LiveServer:
       pcm = np.frombuffer(bytes(client.audio[:take]), "<i2")
       del client.audio[:take]
       cuts.append((client, pcm, client.video, client.typed, client.sampling))
+      self.counters["video_frames_used"] += client.video is not None
+      client.text_queued += client.typed_bytes  # handed to the engine: counted until the tick reports the rest
       client.video, client.typed, client.typed_bytes, client.sampling = None, [], 0, None
     if not cuts:
       return
     late_ms = (now - scheduled) * 1000
     outputs = await self._run(self._tick_engine, cuts, scheduled, late_ms)
     self.ticks += 1
-    for client, messages in outputs:
+    for client, messages, queued, refused in outputs:
+      client.text_queued = queued
+      if refused is not None:
+        self.counters[f"error_{refused.code}"] += 1
       for message in messages:
         self._send(client, message)
 
   def _tick_engine(self, cuts, scheduled: float, late_ms: float):
-    """Engine thread: featurize, step, vocode; returns the messages per client."""
+    """Engine thread: decode video, featurize, step, vocode.
+
+    Returns per client: its messages, the typed text its session has not read yet, and the error that refused its
+    video frame (None if none).
+    """
     engine, inputs, live = self.engine, {}, []
-    for client, pcm, frame, typed, sampling in cuts:
+    for client, pcm, video, typed, sampling in cuts:
       session = client.session
       if session.id not in engine.sessions:  # left while the cut was in flight
         continue
@@ -367,20 +388,27 @@ class LiveServer:
         engine.configure(session, sampling)
       for said in typed:
         engine.say(session, said)
+      frame, refused = None, None
+      if video is not None:
+        try:
+          frame = self.media.decode_video(*video)
+        except ClientError as e:  # only the decoder can tell (a JPEG whose header or data is corrupt)
+          refused = e
       inputs[session.id] = self._features(client, pcm, frame)
-      live.append((client, pcm))
+      live.append((client, pcm, refused))
     t = time.monotonic()
     results = engine.tick(inputs)
     step_ms = (time.monotonic() - t) * 1000
-    speech = self.media.speech([c.media for c, _ in live], [results[client.session.id] for client, _ in live])
+    speech = self.media.speech([c.media for c, *_ in live], [results[client.session.id] for client, *_ in live])
     out = []
-    for (client, pcm), voice in zip(live, speech, strict=True):
-      result = results[client.session.id]
-      out.append((client, self.media.outputs(client.media, client.session, result, pcm, voice)))
+    for (client, pcm, refused), voice in zip(live, speech, strict=True):
+      messages = [] if refused is None else [json.dumps(protocol.error_event(refused))]
+      messages += self.media.outputs(client.media, client.session, results[client.session.id], pcm, voice)
+      out.append((client, messages, len(client.session.pending), refused))
     tick_ms = (time.monotonic() - scheduled) * 1000
     self.tick_ms.append(tick_ms)
     timing = {"tick_ms": round(tick_ms, 2), "step_ms": round(step_ms, 2), "late_ms": round(late_ms, 2)}
-    for _, messages in out:
+    for _, messages, _, _ in out:
       messages[-1]["timing"] = timing
       messages[-1] = json.dumps(messages[-1])
     return out

@@ -134,7 +134,14 @@ REFUSED = [
   ('{"type": "session.update", "sampling": {"temperature": "hot"}}', "bad_event"),
   ('{"type": "session.update", "sampling": {"temperature": true}}', "bad_event"),
   ('{"type": "session.update", "sampling": {"temperature": -0.1}}', "bad_value"),
-  ('{"type": "session.update", "sampling": {"temperature": 1e999}}', "bad_value"),
+  ('{"type": "session.update", "sampling": {"temperature": 1e999}}', "bad_json"),  # too large for a float
+  ('{"type": "ping", "id": -1e999}', "bad_json"),
+  ('{"type": "ping", "id": ' + "9" * 5000 + "}", "bad_json"),  # int() would raise ValueError
+  ('{"type": "session.update", "sampling": {"seed": ' + "1" * 65 + "}}", "bad_json"),
+  ("[" * 60_000, "bad_json"),  # the parser would raise RecursionError
+  ('{"type": "ping", "id": ' + "[" * 900 + "]" * 900 + "}", "bad_json"),  # parses, but too deep to echo back
+  ('{"type": "ping", "id": ' + '{"a": ' * 40 + "1" + "}" * 40 + "}", "bad_json"),
+  ('{"type": "text", "text": "' + "a" * 70_000 + '"}', "input_overflow"),
   ('{"type": "session.update", "sampling": {"top_p": 0}}', "bad_value"),
   ('{"type": "session.update", "sampling": {"top_p": 1.5}}', "bad_value"),
   ('{"type": "session.update", "sampling": {"seed": 1.0}}', "bad_event"),
@@ -147,6 +154,17 @@ def test_a_refused_text_frame_gets_its_code(message, code):
   with pytest.raises(protocol.ClientError) as e:
     protocol.parse_event(message)
   assert e.value.code == code and e.value.code in protocol.ERROR_CODES and str(e.value)
+
+
+def test_nesting_to_the_limit_and_brackets_in_strings_are_accepted():
+  inner = "[" * (protocol.MAX_DEPTH - 1) + "]" * (protocol.MAX_DEPTH - 1)  # the event object is one level
+  assert protocol.parse_event('{"type": "ping", "id": ' + inner + "}")["type"] == "ping"
+  with pytest.raises(protocol.ClientError):
+    protocol.parse_event('{"type": "ping", "id": [' + inner + "]}")
+  brackets = "[[{" * 100 + '\\"' + "}]]" * 100
+  assert protocol.parse_event(json.dumps({"type": "text", "text": brackets}))["text"] == brackets
+  big = 10**63
+  assert protocol.parse_event(json.dumps({"type": "ping", "id": [big, -big, 1.5e308]}))["id"] == [big, -big, 1.5e308]
 
 
 def test_accepted_events_are_normalised():
@@ -179,3 +197,13 @@ def test_binary_frames_and_typed_text():
   with pytest.raises(protocol.ClientError) as e:
     protocol.typed_text("\ud800", room=10)
   assert e.value.code == "bad_event"
+  protocol.check_video(protocol.JPEG, b"\xff\xd8 anything \xff\xd9")
+  protocol.check_video(protocol.RAW, b"\x01\x00\x01\x00abc")
+  for kind, payload in [
+    (protocol.JPEG, b"\xff\xd8 truncated"),
+    (protocol.JPEG, b"no SOI\xff\xd9"),
+    (protocol.RAW, b"\x01"),
+  ]:
+    with pytest.raises(protocol.ClientError) as e:
+      protocol.check_video(kind, payload)
+    assert e.value.code == "bad_video"
