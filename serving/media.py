@@ -54,7 +54,7 @@ def decode_video(kind: int, payload: bytes, shape: tuple[int, int]) -> np.ndarra
       raise
     except Exception as e:  # noqa: BLE001  (PIL raises many types for corrupt data)
       raise ClientError("bad_video", f"not a decodable JPEG: {type(e).__name__}: {e}") from None
-  return featurize.resize(frame[None].astype(np.uint8), shape)[0]
+  return featurize.resize(np.asarray(frame, np.uint8)[None], shape)[0]  # no copy of a megabyte frame
 
 
 @dataclasses.dataclass(eq=False)

@@ -314,6 +314,11 @@ def malformed_frame(rng, max_bytes: int):
     ("text_not_string", json.dumps({"type": "text", "text": 5}), True),
     ("unknown_update_field", json.dumps({"type": "session.update", "voice": "x"}), True),
     ("surrogate_text", '{"type": "text", "text": "\\ud800"}', True),
+    # Frames that once closed the session with 1011 (RecursionError, ValueError from int()) or read as bad_value.
+    ("deep_nesting", '{"type": "ping", "id": ' + "[" * 5000 + "]" * 5000 + "}", True),
+    ("deep_unclosed", "[" * int(rng.integers(1000, max_bytes - 16)), True),
+    ("huge_int", '{"type": "ping", "id": ' + "9" * int(rng.integers(65, 6000)) + "}", True),
+    ("huge_float", '{"type": "session.update", "sampling": {"temperature": 1e999}}', True),
   ]
   if rng.random() < 0.01:
     kind = str(rng.choice(list(FATAL)))
