@@ -6,6 +6,7 @@ sync client and raw sockets.
 """
 
 import contextlib
+import functools
 import gc
 import io
 import json
@@ -274,9 +275,15 @@ def _mutated(rng) -> str:
   return "".join(chars)
 
 
+@functools.lru_cache(maxsize=1)
+def _jpegs() -> tuple[bytes, ...]:
+  rng = np.random.default_rng(3)
+  return tuple(browser_jpeg(rng)[1:] for _ in range(8))
+
+
 def _corrupt_jpeg(rng) -> bytes:
   """A JPEG whose start and end markers are right (the loop passes it) and whose inside is damaged."""
-  jpeg = bytearray(browser_jpeg(rng)[1:])
+  jpeg = bytearray(_jpegs()[int(rng.integers(8))])
   for _ in range(int(rng.integers(1, 20))):
     jpeg[int(rng.integers(2, len(jpeg) - 2))] = int(rng.integers(256))
   return bytes([protocol.JPEG]) + bytes(jpeg)
