@@ -90,6 +90,14 @@ def pipeline(config: ExperimentConfig, data_dir, **kwargs):
   return make_pipeline(config, data_dir, batch_size=config.data.batch_size // n, **kwargs), False
 
 
+def train_iterator(config: ExperimentConfig, data_dir, data_state: dict | None):
+  """The train split's iterator, at the restored position if any; returns ``(iterator, whole)``."""
+  it, whole = pipeline(config, data_dir, split="train")
+  if data_state:
+    it.set_state(data_state)
+  return it, whole
+
+
 def make_eval_loss(graphdef, cfg, tc, mesh):
   """Jitted losses of a batch, sharded like training (no gradient)."""
 
@@ -177,9 +185,7 @@ def _run(config, workdir, resume, progress, preemption) -> dict:
   graphdef, state, shardings, data_state, start = restore_or_init(config, cfg, tc, mesh, ckpt, resume)
   if main:  # only now: a refused resume leaves the workdir's config (and its checkpoints' readers) as they were
     _write_atomic(workdir / "config.json", json.dumps(saved, indent=1))
-  it, whole = pipeline(config, data_dir, split="train")
-  if data_state:
-    it.set_state(data_state)
+  it, whole = train_iterator(config, data_dir, data_state)
   step_fn = train_step.make_train_step(graphdef, cfg, tc, mesh, shardings)
   writer = MetricsWriter(workdir, enabled=main, resumed_at=start or None)
   # Measured on this process's first device; only process 0 reports MFU.
