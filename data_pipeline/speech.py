@@ -173,7 +173,9 @@ def _say(words: tuple[str, ...], voice: Voice) -> tuple[np.ndarray, tuple[tuple[
   eng = _engine()
   pcm, starts = eng.synth(" ".join(words), voice)
   if len(starts) != len(words):
-    raise ValueError(f"espeak-ng reported {len(starts)} words for {words!r}")
+    if len(words) == 1:
+      raise ValueError(f"espeak-ng reported {len(starts)} words for {words!r}")
+    return _say_apart(words, voice)  # it merged some (e.g. "i i i i"): each word alone, known bounds
   fir = _resampler(SAMPLE_RATE, eng.rate)
   x = signal.resample_poly(pcm.astype(np.float32) / 32768.0, SAMPLE_RATE, eng.rate, window=fir).astype(np.float32)
   starts = [min(len(x), int(round(s * SAMPLE_RATE / eng.rate))) for s in starts]
@@ -189,6 +191,23 @@ def _say(words: tuple[str, ...], voice: Voice) -> tuple[np.ndarray, tuple[tuple[
   x = x[first:last]
   x.setflags(write=False)
   return x, tuple((a - first, b - first) for a, b in bounds)
+
+
+def _say_apart(words: tuple[str, ...], voice: Voice, gap_s: float = 0.06):
+  """The words spoken one by one with ``gap_s`` of silence between them."""
+  gap = np.zeros(int(gap_s * SAMPLE_RATE), np.float32)
+  parts, bounds, at = [], [], 0
+  for i, w in enumerate(words):
+    x, ((a, b),) = _say((w,), voice)
+    if i:
+      parts.append(gap)
+      at += len(gap)
+    parts.append(x)
+    bounds.append((at + a, at + b))
+    at += len(x)
+  x = np.concatenate(parts)
+  x.setflags(write=False)
+  return x, tuple(bounds)
 
 
 def say(words, voice: Voice) -> tuple[np.ndarray, list[tuple[int, int]]]:

@@ -122,6 +122,13 @@ class Media:
     """A frame that passed ``check_video`` at the model's frame size (engine thread)."""
     return decode_video(kind, payload, self.video_in.frame_shape)
 
+  def decoded(self, kind: int, payload: bytes) -> np.ndarray | ClientError:
+    """``decode_video``, or the ``ClientError`` only the decoder can raise (a corrupt JPEG), as a value."""
+    try:
+      return self.decode_video(kind, payload)
+    except ClientError as e:
+      return e
+
   def features(self, state: SessionMedia, pcm: np.ndarray, frame: np.ndarray | None) -> dict:
     """The model's input streams for one micro-turn: log-mel of ``pcm`` (zero-padded) and the video frame."""
     x = np.zeros(SAMPLES_PER_TICK, np.float32)

@@ -13,8 +13,9 @@ tick schedule and backpressure; the wire format is ``protocol.py`` (``PROTOCOL.m
 
 Threads: the asyncio loop reads and writes sockets and checks every frame (checks that cost nothing: no decoding);
 one engine thread owns the engine (join, leave, video decode and resize, featurize, step, vocoder), so a tick never
-stops the loop from reading. Per session and tick the engine thread decodes one video frame, the newest: a client
-sending frames faster than the ticks costs no more than one sending one per tick.
+stops the loop from reading. Video is decoded ahead, in the engine thread's idle time between ticks: the newest
+frame, when its session has none decoded and waiting (a newer frame replaces an undecoded older one). So a session
+costs at most about one decode per tick however fast it sends, and rarely inside a tick.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class Client:
   released: bool = False  # its slot is free again
   session: object = None
   audio: bytearray = dataclasses.field(default_factory=bytearray)
-  video: tuple[int, bytes] | None = None  # the newest frame since the last tick, undecoded: (kind, payload)
+  video: tuple[int, bytes] | None = None  # the newest frame not decoded yet: (kind, payload)
+  frame: object = None  # a frame decoded ahead for the next tick (an array), or the ClientError its decode raised
+  decoding: bool = False  # a decode-ahead job is queued on the engine thread
   typed: list = dataclasses.field(default_factory=list)  # text to queue at the next tick
   typed_bytes: int = 0
   text_queued: int = 0  # typed text (bytes) the model had not read at the end of the last tick
@@ -283,10 +286,30 @@ class LiveServer:
       self.counters["audio_bytes_in"] += len(payload)
     else:
       self.media.check_video(kind, payload)
-      if client.video is not None:  # the tick uses the newest frame only: this one is never decoded
+      if client.video is not None:  # the ticks use the newest frame only: this one is never decoded
         self.counters["video_frames_dropped"] += 1
       client.video = (kind, payload)
       self.counters["video_frames_in"] += 1
+      self._decode_ahead(client)
+
+  def _decode_ahead(self, client: Client) -> None:
+    """Queue the decode of ``client``'s newest frame on the engine thread unless one is queued or waiting."""
+    if client.video is None or client.frame is not None or client.decoding or client.closing:
+      return
+    client.decoding = True
+    self._spawn(self._decode(client))
+
+  async def _decode(self, client: Client) -> None:
+    video = client.video
+    try:
+      frame = await self._run(self.media.decoded, *video)
+    finally:
+      client.decoding = False
+    if client.video is video:
+      client.video, client.frame = None, frame
+    else:  # replaced while it was decoded: the newer one is decoded next
+      self.counters["video_frames_dropped"] += 1
+      self._decode_ahead(client)
 
   # -- output -----------------------------------------------------------------------
 
@@ -357,15 +380,23 @@ class LiveServer:
       take = min(len(client.audio), 2 * protocol.SAMPLES_PER_TICK)
       pcm = np.frombuffer(bytes(client.audio[:take]), "<i2")
       del client.audio[:take]
-      cuts.append((client, pcm, client.video, client.typed, client.sampling))
-      self.counters["video_frames_used"] += client.video is not None
+      # A frame decoded ahead; else (the first frame of a session, just before this tick) the undecoded one.
+      video = ("decoded", client.frame) if client.frame is not None else client.video
+      cuts.append((client, pcm, video, client.typed, client.sampling))
+      self.counters["video_frames_used"] += video is not None
+      if client.frame is not None:
+        client.frame = None  # a newer undecoded frame, if any, stays for the next tick
+      else:
+        client.video = None
       client.text_queued += client.typed_bytes  # handed to the engine: counted until the tick reports the rest
-      client.video, client.typed, client.typed_bytes, client.sampling = None, [], 0, None
+      client.typed, client.typed_bytes, client.sampling = [], 0, None
     if not cuts:
       return
     late_ms = (now - scheduled) * 1000
     outputs = await self._run(self._tick_engine, cuts, scheduled, late_ms)
     self.ticks += 1
+    for client, *_ in cuts:
+      self._decode_ahead(client)  # frames that came during this tick, decoded before the next
     for client, messages, queued, refused in outputs:
       client.text_queued = queued
       if refused is not None:
@@ -388,12 +419,9 @@ class LiveServer:
         engine.configure(session, sampling)
       for said in typed:
         engine.say(session, said)
-      frame, refused = None, None
-      if video is not None:
-        try:
-          frame = self.media.decode_video(*video)
-        except ClientError as e:  # only the decoder can tell (a JPEG whose header or data is corrupt)
-          refused = e
+      if video is not None:  # decoded ahead, or (a session's first frame, just before the tick) now
+        video = video[1] if video[0] == "decoded" else self.media.decoded(*video)
+      frame, refused = (None, video) if isinstance(video, ClientError) else (video, None)
       inputs[session.id] = self._features(client, pcm, frame)
       live.append((client, pcm, refused))
     t = time.monotonic()

@@ -97,6 +97,19 @@ def test_a_word_is_one_sound_whoever_says_it():
   assert np.mean(nearest == np.arange(len(vocab))[:, None]) > 0.6
 
 
+def test_words_espeak_would_merge_still_get_one_sound_each():
+  """espeak-ng reports 5 word events for "i i i i here well" (conversation 1537 of seed 0 once crashed
+  ``launch.data synthetic`` there): such runs are spoken word by word, each word bounded."""
+  words = ("i", "i", "i", "i", "here", "well")
+  x, bounds = speech.say(words, speech.Voice())
+  assert len(bounds) == len(words)
+  assert all(0 <= a < b <= c < d <= len(x) for (a, b), (c, d) in zip(bounds, bounds[1:], strict=False))
+  alone, _ = speech.say(["here"], speech.Voice())
+  a, b = bounds[4]
+  assert np.array_equal(x[a:b], alone)  # the same sound as the word said alone
+  assert np.array_equal(speech.say(words, speech.Voice())[0], x)
+
+
 def test_labels_follow_the_words():
   """A micro-turn's word label is the first word starting in it; speaking covers every word."""
   for conv in of_task("turn_taking", 2) + of_task("translation", 2) + of_task("tool_use", 2):

@@ -23,7 +23,6 @@ import pathlib
 import time
 
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader
 
 from data_pipeline import featurize, record, script, shards
 from interaction.ckpt import open_model
@@ -39,16 +38,11 @@ BACKGROUND_LATENCY_TICKS = 6
 
 def read_conversations(data_dir, split: str = "eval", limit: int | None = None) -> list[record.Conversation]:
   """Decoded conversations of a split, checksums verified."""
-  data_dir = pathlib.Path(data_dir)
   out = []
-  for shard in shards.read_split(data_dir, split):
-    reader = ArrayRecordReader(str(data_dir / shard.file))
-    try:
-      out += [record.decode(b) for b in reader.read_all()]
-    finally:
-      reader.close()
+  for conversation in shards.iter_records(data_dir, split):  # a bad record is named by file and index
     if limit is not None and len(out) >= limit:
-      return out[:limit]
+      break
+    out.append(conversation)
   return out
 
 
