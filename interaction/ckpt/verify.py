@@ -1,4 +1,4 @@
-"""Integrity of a trainer checkpoint step: a CRC-32C of every file, written before the step commits.
+"""Integrity of a trainer checkpoint step: a CRC-32C of every 64 MiB block of every file, written before it commits.
 
 Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it when every process has
 finished; ``Checkpointer`` hooks the moment in between (orbax's post-finalization callback on the
@@ -30,6 +30,8 @@ UNDIGESTED = frozenset({"commit_success.txt"})
 # Orbax adds the commit time to the step's metadata after the digests; it is digested without that field.
 STEP_METADATA, COMMIT_TIME = "_CHECKPOINT_METADATA", "commit_timestamp_nsecs"
 _CHUNK = 1 << 24
+# Each file is digested in blocks of this size, so the blocks of one large file are checked in parallel.
+BLOCK = 64 << 20
 
 
 class CorruptCheckpointError(ValueError):
@@ -41,14 +43,15 @@ class CorruptCheckpointError(ValueError):
     super().__init__(f"checkpoint step {step} ({self.step_dir}): {file}: {why}; refusing a corrupt or altered step")
 
 
-def crc32c_file(path) -> tuple[int, int]:
-  """``(size, CRC-32C)`` of a file, read in 16 MiB pieces (the C implementation releases the GIL)."""
-  crc, size = 0, 0
+def _block_crc(path, offset: int, length: int) -> int:
+  """CRC-32C of ``length`` bytes of a file from ``offset``, read in 16 MiB pieces (the C code releases the GIL)."""
+  crc = 0
   with open(path, "rb", buffering=0) as f:
-    while chunk := f.read(_CHUNK):
+    f.seek(offset)
+    while length > 0 and (chunk := f.read(min(_CHUNK, length))):
       crc = google_crc32c.extend(crc, chunk)
-      size += len(chunk)
-  return size, crc
+      length -= len(chunk)
+  return crc
 
 
 def _files(step_dir: pathlib.Path) -> list[str]:
@@ -63,38 +66,61 @@ def _files(step_dir: pathlib.Path) -> list[str]:
   return sorted(f for f in out if f != DIGESTS and f not in UNDIGESTED)
 
 
-def _step_metadata(path) -> tuple[int, int]:
-  """``(size, CRC-32C)`` of orbax's step metadata with its commit time left out (canonical JSON)."""
+def _step_metadata(path) -> bytes:
+  """Orbax's step metadata with its commit time left out (canonical JSON); the raw bytes if it is no JSON object."""
+  raw = pathlib.Path(path).read_bytes()
   try:
-    doc = json.loads(pathlib.Path(path).read_bytes())
-    if not isinstance(doc, dict):
-      raise ValueError("not an object")
+    doc = json.loads(raw)
   except ValueError:
-    return -1, 0
+    return raw
+  if not isinstance(doc, dict):
+    return raw
   doc.pop(COMMIT_TIME, None)
-  data = json.dumps(doc, sort_keys=True).encode()
-  return len(data), google_crc32c.value(data)
+  return json.dumps(doc, sort_keys=True).encode()
 
 
-def _digest(step_dir: pathlib.Path, name: str) -> tuple[int, int]:
-  return _step_metadata(step_dir / name) if name == STEP_METADATA else crc32c_file(step_dir / name)
+def _digest_all(step_dir: pathlib.Path, names: list[str]) -> list[tuple[int, list[str]]]:
+  """``(size, [CRC-32C of each BLOCK])`` of every file, all blocks of all files spread over a thread pool."""
+  sizes, jobs = [], []
+  for n in names:
+    if n == STEP_METADATA:
+      sizes.append(len(_step_metadata(step_dir / n)))
+      jobs.append((n, 0, 0))
+      continue
+    sizes.append((step_dir / n).stat().st_size)
+    jobs += [(n, off, min(BLOCK, sizes[-1] - off)) for off in range(0, max(sizes[-1], 1), BLOCK)]
+
+  def crc(job):
+    n, off, length = job
+    return (
+      google_crc32c.value(_step_metadata(step_dir / n)) if n == STEP_METADATA else _block_crc(step_dir / n, off, length)
+    )
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+    crcs = list(pool.map(crc, jobs))
+  out = {n: (size, []) for n, size in zip(names, sizes, strict=True)}
+  for (n, _, _), c in zip(jobs, crcs, strict=True):
+    out[n][1].append(f"{c:08x}")
+  return [out[n] for n in names]
 
 
 def _table_crc(files: dict) -> str:
   return f"{google_crc32c.value(json.dumps(files, sort_keys=True).encode()):08x}"
 
 
-def _digest_all(step_dir: pathlib.Path, names: list[str]) -> list[tuple[int, int]]:
-  with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-    return list(pool.map(lambda n: _digest(step_dir, n), names))
-
-
 def write(step_dir) -> dict:
   """Write ``digests.json`` over every file now under ``step_dir``; returns the table."""
   step_dir = pathlib.Path(step_dir)
   names = _files(step_dir)
-  files = {n: {"size": s, "crc32c": f"{c:08x}"} for n, (s, c) in zip(names, _digest_all(step_dir, names), strict=True)}
-  doc = {"format": FORMAT, "version": VERSION, "algorithm": "crc32c", "files": files, "table_crc32c": _table_crc(files)}
+  files = {n: {"size": s, "crc32c": c} for n, (s, c) in zip(names, _digest_all(step_dir, names), strict=True)}
+  doc = {
+    "format": FORMAT,
+    "version": VERSION,
+    "algorithm": "crc32c",
+    "block_bytes": BLOCK,
+    "files": files,
+    "table_crc32c": _table_crc(files),
+  }
   tmp = step_dir / (DIGESTS + ".tmp")
   tmp.write_text(json.dumps(doc, indent=0, sort_keys=True))
   tmp.replace(step_dir / DIGESTS)
@@ -117,6 +143,7 @@ def read(step_dir) -> dict:
     doc = json.loads(path.read_bytes())
     files = doc["files"]
     ok = doc["format"] == FORMAT and doc["version"] == VERSION and doc["algorithm"] == "crc32c"
+    ok = ok and doc["block_bytes"] == BLOCK
     ok = ok and isinstance(files, dict) and doc["table_crc32c"] == _table_crc(files)
   except (ValueError, KeyError, TypeError) as e:
     raise CorruptCheckpointError(step_dir, DIGESTS, f"unreadable ({type(e).__name__})") from None
@@ -142,12 +169,14 @@ def check(step_dir, *, process_index: int = 0, process_count: int = 1, agree=Non
     elif n not in present:
       why[i] = "listed in the digests but missing"
   mine = [i for i in range(process_index, len(names), process_count) if not why[i]]
-  for i, (size, crc) in zip(mine, _digest_all(step_dir, [names[i] for i in mine]), strict=True):
+  for i, (size, crcs) in zip(mine, _digest_all(step_dir, [names[i] for i in mine]), strict=True):
     want = files[names[i]]
     if size != want["size"]:
       why[i] = f"{size} bytes, the digests say {want['size']}"
-    elif f"{crc:08x}" != want["crc32c"]:
-      why[i] = f"CRC-32C {crc:08x}, the digests say {want['crc32c']}"
+    elif crcs != want["crc32c"]:
+      k = next((k for k, (a, b) in enumerate(zip(crcs, want["crc32c"], strict=False)) if a != b), 0)
+      got, said = crcs[k] if k < len(crcs) else "-", want["crc32c"][k] if k < len(want["crc32c"]) else "-"
+      why[i] = f"CRC-32C {got} of bytes from {k * BLOCK}, the digests say {said}"
   bad = np.array([bool(w) for w in why], np.int32)
   if agree is not None and process_count > 1:
     bad = np.asarray(agree(bad))
