@@ -63,9 +63,15 @@ def prepare_data(config: ExperimentConfig, workdir: pathlib.Path) -> pathlib.Pat
     data_dir = pathlib.Path(config.data.dir)
     if not (data_dir / "manifest.json").exists():
       raise FileNotFoundError(f"--config.data.dir={data_dir} has no manifest.json; convert data into it first")
-    # Before any model exists: a broken dataset is one line (exit 2) in seconds, not a traceback after init.
-    shards.check_dataset(data_dir, decode=config.data.bad_records == "fail")
-    return data_dir
+  else:
+    data_dir = _synthetic_data(config, workdir)
+  # Before any model exists: a broken dataset is one line (exit 2) in seconds, not a traceback after init. The
+  # pipelines then skip their own checksum pass (``pipeline``): each shard is hashed once per run.
+  shards.check_dataset(data_dir, decode=config.data.bad_records == "fail")
+  return data_dir
+
+
+def _synthetic_data(config: ExperimentConfig, workdir: pathlib.Path) -> pathlib.Path:
   data_dir = workdir / "data"
   if jax.process_index() == 0 and not (data_dir / "manifest.json").exists():
     log(f"generating the embedded synthetic dataset into {data_dir}")
@@ -82,6 +88,7 @@ def prepare_data(config: ExperimentConfig, workdir: pathlib.Path) -> pathlib.Pat
 
 def pipeline(config: ExperimentConfig, data_dir, **kwargs):
   """``make_pipeline`` split across processes per ``data.process_sharding``; returns ``(iterator, whole)``."""
+  kwargs.setdefault("verify_checksums", False)  # prepare_data's check_dataset hashed every shard
   mode, n = config.data.process_sharding, jax.process_count()
   if mode == "whole" or n == 1:
     return make_pipeline(config, data_dir, process_index=0, process_count=1, **kwargs), n > 1
