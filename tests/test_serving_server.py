@@ -409,20 +409,25 @@ def test_a_thousand_abrupt_disconnects_leak_no_slot(serve, engine):
   s = serve()  # real 200 ms ticks run throughout
   with connect(s.url) as survivor:
     survivor.recv(timeout=10)
-    busy = 0
+    waits = []
     for i in range(1000):
-      try:
-        sock = raw_session(s.port, read_response=i % 4 != 0)
-      except AssertionError:  # 503: the previous disconnects are still being freed
-        busy += 1
-        time.sleep(0.05)
-        continue
+      while True:  # every one of the 1000 gets a session: a refusal only waits for the next tick's frees
+        try:
+          sock = raw_session(s.port, read_response=i % 4 != 0)
+          break
+        except AssertionError:  # 503 full: the previous disconnects are freed at the next tick
+          t = time.monotonic()
+          while len(s.server.clients) >= SLOTS and time.monotonic() - t < 5:
+            time.sleep(0.01)
+          waits.append(time.monotonic() - t)
       if i % 4 == 1:
         sock.sendall(bytes([0x82, 0xFE, 0x10, 0x00]) + os.urandom(4) + b"\x01\x02\x03")  # half a masked frame
       elif i % 4 == 2:
         sock.sendall(b"\x82")  # one byte of a frame header
       reset(sock)
-    assert busy < 50
+    # A slot held by a reset connection comes back within a few ticks (not at the ping timeout, never leaked);
+    # how often the 7 free slots run out depends on the machine's speed, so that count is not checked.
+    assert max(waits, default=0) < 10 * server_lib.TICK_S, sorted(waits)[-5:]
     sync(survivor, "alive")  # the survivor's session is still served
   s.wait_empty(15)
   assert s.server.counters["internal_errors"] == 0
