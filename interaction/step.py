@@ -18,13 +18,17 @@ micro-turn index and the ``rng`` argument, never on which batch slot it sits in.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from interaction import layout, text
+from interaction import layout, sharding, text
+from interaction.ckpt.params import abstract_model
 from interaction.config import ModelConfig
 from interaction.model import CACHE_AXES, InteractionModel, KVCache, init_cache
 
@@ -211,18 +215,90 @@ def mask_idle(model: InteractionModel, state: StepState, values):
 class Step:
   """The jitted step with input checks done on the host before any device work.
 
-  ``Step(graphdef, cfg)(params, state, turn_inputs, rng, forced=None)``. The
-  state is donated: the caller must use the returned one.
+  ``Step(graphdef, cfg, mesh=None, rules=None)(params, state, turn_inputs, rng, forced=None)``.
+  The state is donated: the caller must use the returned one.
+
+  With a ``mesh`` the step owns every sharding: parameters by their logical axes, the
+  state by ``STATE_AXES`` (slots over the batch axes), turn inputs and outputs split
+  over the batch axes, the key replicated; ``rules`` default to the config's. The
+  same object serves live sessions, the evaluation job and ``launch.aot --job serve``
+  (``lower``): there is no second jit of the step.
   """
 
-  def __init__(self, graphdef, cfg: ModelConfig):
-    self.cfg = cfg
+  def __init__(self, graphdef, cfg: ModelConfig, *, mesh=None, rules=None):
+    self.cfg, self.mesh = cfg, mesh
+    self.rules = cfg.rules if rules is None else rules
     self.inputs, self.outputs = cfg.directed("in"), cfg.directed("out")
 
     def run(params, state, turn_inputs, rng, forced):
       return step_fn(nnx.merge(graphdef, params), state, turn_inputs, rng, forced)
 
-    self._jitted = jax.jit(run, donate_argnums=(1,))
+    if mesh is None:
+      self._jitted = jax.jit(run, donate_argnums=(1,))
+      return
+    _, abstract = abstract_model(cfg)
+    self.param_shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh, self.rules))
+    self.batch_sharding = NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), mesh, self.rules)[0]))
+    self.state_shardings = jax.tree.map(
+      lambda names: NamedSharding(mesh, sharding.logical_to_spec(names, mesh, self.rules)),
+      STATE_AXES,
+      is_leaf=sharding.is_axes,
+    )
+    replicated = NamedSharding(mesh, P())
+    self._jitted = jax.jit(
+      run,
+      in_shardings=(self.param_shardings, self.state_shardings, self.batch_sharding, replicated, self.batch_sharding),
+      out_shardings=(self.state_shardings, self.batch_sharding),
+      donate_argnums=(1,),
+    )
+
+  def batch_shards(self) -> int:
+    """How many ways the slots are split (1 without a mesh)."""
+    if self.mesh is None:
+      return 1
+    axes = self.batch_sharding.spec[0] or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(self.mesh.shape[a] for a in axes)
+
+  def check_slots(self, slots: int) -> None:
+    """Raise ValueError when ``slots`` cannot be split over the mesh's batch axes."""
+    shards = self.batch_shards()
+    if slots % shards:
+      raise ValueError(
+        f"slots={slots} cannot be split over the mesh's batch axes ({shards} ways: "
+        f"{ {k: v for k, v in self.mesh.shape.items() if v > 1} }); use a multiple of {shards} slots or a mesh with fewer batch shards"
+      )
+
+  def init_state(self, slots: int, cache_tokens: int, **kw) -> StepState:
+    """``init_state`` placed where the step wants it (on the mesh, slots over the batch axes)."""
+    self.check_slots(slots)
+    return self.place_state(init_state(self.cfg, slots, cache_tokens, **kw))
+
+  def abstract_state(self, slots: int, cache_tokens: int) -> StepState:
+    """The state as ShapeDtypeStructs carrying the step's shardings (every dim checked to divide); for ``lower``."""
+    self.check_slots(slots)
+    shapes = jax.eval_shape(lambda: init_state(self.cfg, slots, cache_tokens))
+    if self.mesh is None:
+      return shapes
+    checked = sharding.tree_shardings(shapes, STATE_AXES, self.mesh, self.rules)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, checked)
+
+  def place_state(self, state: StepState) -> StepState:
+    """A state on the step's shardings (a no-op without a mesh)."""
+    return state if self.mesh is None else jax.device_put(state, self.state_shardings)
+
+  def place_params(self, params) -> dict:
+    """Parameters (a pure dict or an nnx State) on the step's shardings (a no-op where they are already)."""
+    params = params if isinstance(params, dict) else nnx.to_pure_dict(params)
+    return params if self.mesh is None else jax.device_put(params, self.param_shardings)
+
+  def lower(self, params, state, turn_inputs, rng, forced=None):
+    """The step lowered for ahead-of-time compilation (arguments may be ShapeDtypeStructs)."""
+    params = params if isinstance(params, dict) else nnx.to_pure_dict(params)
+    if self.mesh is None:
+      return self._jitted.lower(params, state, turn_inputs, rng, forced)
+    with jax.set_mesh(self.mesh):
+      return self._jitted.lower(params, state, turn_inputs, rng, forced)
 
   def check(self, state: StepState, turn_inputs, forced=None) -> None:
     """Raise ValueError naming the stream when an input does not match the layout."""
@@ -241,4 +317,8 @@ class Step:
 
   def __call__(self, params, state: StepState, turn_inputs, rng, forced=None):
     self.check(state, turn_inputs, forced)
-    return self._jitted(params, state, turn_inputs, rng, forced)
+    if self.mesh is None:
+      return self._jitted(params, state, turn_inputs, rng, forced)
+    params = params if isinstance(params, dict) else nnx.to_pure_dict(params)
+    with jax.set_mesh(self.mesh):
+      return self._jitted(params, state, turn_inputs, rng, forced)

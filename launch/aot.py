@@ -25,7 +25,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -79,35 +78,27 @@ def lower_train(config: ExperimentConfig, mesh):
 def lower_serve(config: ExperimentConfig, mesh):
   """The micro-turn step for ``serve.slots`` sessions of ``serve.cache_tokens``, params in ``model.dtype``.
 
+  Lowers ``interaction.step.Step``, the object the engine runs, with its own shardings.
   Returns ``(lowered, inputs)``.
   """
   cfg = config.model
   slots, cache_tokens = config.serve.slots, config.serve.cache_tokens
   graphdef, abs_state = abstract_model(cfg)
-  param_sh = nnx.to_pure_dict(sharding.param_shardings(abs_state, mesh, cfg.rules))
+  step = step_lib.Step(graphdef, cfg, mesh=mesh)
   serve_dtype = jnp.dtype(cfg.dtype)
 
   def cast(x):  # serving holds weights in the compute dtype
     return jax.ShapeDtypeStruct(x.shape, serve_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
 
-  params = _sds(jax.tree.map(cast, nnx.to_pure_dict(abs_state)), param_sh)
-  state_shape = jax.eval_shape(lambda: step_lib.init_state(cfg, slots, cache_tokens))
-  # The state declares its logical axes (step.STATE_AXES); the rules place them.
-  state_sh = sharding.tree_shardings(state_shape, step_lib.STATE_AXES, mesh, cfg.rules)
-  state = _sds(state_shape, state_sh)
-  bsh = train_step.batch_sharding(mesh, cfg.rules)
+  params = _sds(jax.tree.map(cast, nnx.to_pure_dict(abs_state)), step.param_shardings)
+  state = step.abstract_state(slots, cache_tokens)
   inputs = {
-    s.name: jax.ShapeDtypeStruct((slots, s.slots, *s.value_shape), s.dtype, sharding=bsh) for s in cfg.directed("in")
+    s.name: jax.ShapeDtypeStruct((slots, s.slots, *s.value_shape), s.dtype, sharding=step.batch_sharding)
+    for s in cfg.directed("in")
   }
   rng = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=NamedSharding(mesh, P()))
-
-  def run(params, state, turn_inputs, rng):
-    return step_lib.step_fn(nnx.merge(graphdef, params), state, turn_inputs, rng)
-
-  jitted = jax.jit(run, out_shardings=(state_sh, bsh), donate_argnums=(1,))
-  with jax.set_mesh(mesh):
-    return jitted.lower(params, state, inputs, rng), (params, state, inputs, rng)
+  return step.lower(params, state, inputs, rng), (params, state, inputs, rng)
 
 
 def model_flops_per_chip(config: ExperimentConfig, job: str, chips: int) -> float:
@@ -210,7 +201,7 @@ def _analysis(compiled, inputs, error: str | None) -> tuple:
 
 def _shard_bytes(x) -> int:
   """Bytes of the largest shard of a sharded ShapeDtypeStruct."""
-  return math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize  # PRNG key dtypes have one too
 
 
 def _oom_temporaries(message: str) -> int:

@@ -174,6 +174,25 @@ def quiet(level: str = "warning") -> None:
     logging.basicConfig(level=number, format="%(levelname)s %(name)s: %(message)s")
 
 
+def mesh_flag(text: str | None, flag: str = "--mesh") -> dict | None:
+  """A ``--mesh data=2,expert=4`` value checked against this job's devices (``None`` when not given)."""
+  if not text:
+    return None
+  import jax  # noqa: PLC0415 (the command line is parsed before jax is needed)
+
+  from interaction import sharding  # noqa: PLC0415
+
+  try:
+    axes = sharding.parse_mesh(text)
+    sharding.mesh_shape(axes, jax.device_count())
+  except ValueError as e:
+    hint = ""
+    if jax.default_backend() == "cpu":
+      hint = "; a CPU host gets virtual devices with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    raise UsageError(f"{flag} {text!r}: {e}{hint}") from None
+  return axes
+
+
 def one_line(e: BaseException) -> str:
   """``error: ...`` for an exception, its message on one line."""
   text = " ".join(str(e).split()) or type(e).__name__

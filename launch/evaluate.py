@@ -2,6 +2,7 @@ r"""Evaluation job: stream held-out conversations through the engine and score i
 
   python -m launch.evaluate --checkpoint workdir/demo --data workdir/demo/data [--slots 32] [--output DIR]
                             [--require_targets] [--temperature 0] [--max_conversations N] [--oracle]
+                            [--mesh data=2,expert=4]
 
 ``--checkpoint`` is anything ``interaction.ckpt.open_model`` opens: a trainer
 workdir, its checkpoints directory or one step, or a serve checkpoint (what
@@ -9,7 +10,8 @@ workdir, its checkpoints directory or one step, or a serve checkpoint (what
 one micro-turn per tick; the model free-runs (serving/eval/evaluate.py). Writes
 ``report.json`` and timeline PNGs to ``--output`` and prints a table.
 ``--require_targets`` exits 1 when any target fails; ``--oracle`` scores the
-recorded model streams instead (the data's own behaviour).
+recorded model streams instead (the data's own behaviour). ``--mesh`` lays the
+parameters and the slots out over this process's devices (the report is the same).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
 _MAX_CONVERSATIONS = flags.DEFINE_integer(
   "max_conversations", None, "Score at most this many conversations (default: all).", flag_values=FLAGS
 )
+_MESH = flags.DEFINE_string(
+  "mesh", None, "Mesh axis sizes, e.g. data=2,expert=4 (default: one device).", flag_values=FLAGS
+)
 _ORACLE = flags.DEFINE_bool(
   "oracle", False, "Score the recorded model streams (checks the metrics).", flag_values=FLAGS
 )
@@ -46,6 +51,7 @@ def main(argv=None) -> int:
   cli.parse(FLAGS, argv, doc=__doc__, prog="python -m launch.evaluate", required=("checkpoint", "data"))
   if _SLOTS.value < 1:
     raise cli.UsageError(f"--slots must be >= 1, got {_SLOTS.value}")
+  mesh = cli.mesh_flag(_MESH.value)
   try:
     report = evaluate.run(
       _CHECKPOINT.value,
@@ -57,13 +63,14 @@ def main(argv=None) -> int:
       seed=_SEED.value,
       max_conversations=_MAX_CONVERSATIONS.value,
       oracle=_ORACLE.value,
+      mesh=mesh,
     )
   except (FileNotFoundError, shards.DatasetError) as e:  # CheckpointNotFoundError included
     raise cli.UsageError(
       f"error: {e}\n(--checkpoint takes a trainer workdir or a serve checkpoint, --data a dataset directory; "
       "after make demo: --checkpoint workdir/demo --data workdir/demo/data)"
     ) from None
-  except (ServeCheckpointError, UnsafePathError) as e:
+  except (ServeCheckpointError, UnsafePathError, ValueError) as e:  # ValueError: e.g. slots the mesh cannot split
     raise cli.UsageError(f"error: {e}") from None
   if _REQUIRE.value and not report["all_targets_pass"]:
     print(f"--require_targets: {len(report['targets_failed'])} target(s) failed", file=sys.stderr)

@@ -14,7 +14,12 @@ import shlex
 
 from launch.topology import parse_topology
 
-GKE_ACCELERATORS = {"v5p": "tpu-v5p-slice", "v6e": "tpu-v6e-slice"}
+GKE_ACCELERATORS = {
+  "v4": "tpu-v4-podslice",
+  "v5e": "tpu-v5-lite-podslice",
+  "v5p": "tpu-v5p-slice",
+  "v6e": "tpu-v6e-slice",
+}
 COORDINATOR_PORT = 8476
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
 

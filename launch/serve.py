@@ -1,12 +1,13 @@
 r"""Serve a checkpoint to live sessions over WebSocket (protocol: serving/PROTOCOL.md).
 
   python -m launch.serve --checkpoint workdir/demo [--host 127.0.0.1] [--port 8000] [--slots 32] \
-      [--token_file FILE]
+      [--token_file FILE] [--mesh data=2,expert=4]
 
 ``--checkpoint`` is anything ``interaction.ckpt.open_model`` opens: a trainer
 workdir, its checkpoints directory or one step, or a serve checkpoint (what
 ``launch.convert`` writes). The browser client is at the printed URL; SIGTERM
 drains every session (close 1001) and exits 0. ``--help`` lists every limit.
+``--mesh`` lays the parameters and the slots out over this process's devices.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ _CHECKPOINT = flags.DEFINE_string(
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (default: localhost only).", flag_values=FLAGS)
 _PORT = flags.DEFINE_integer("port", 8000, "Port; 0 picks a free one.", flag_values=FLAGS)
 _SLOTS = flags.DEFINE_integer("slots", 32, "Concurrent sessions (the step's batch).", flag_values=FLAGS)
+_MESH = flags.DEFINE_string(
+  "mesh", None, "Mesh axis sizes, e.g. data=2,expert=4 (default: one device).", flag_values=FLAGS
+)
 _TOKEN_FILE = flags.DEFINE_string(
   "token_file", None, f"File holding the access token (else ${TOKEN_ENV}, else one is generated).", flag_values=FLAGS
 )
@@ -54,6 +58,7 @@ def main(argv=None) -> int:
     host=_HOST.value,
     port=_PORT.value,
     slots=_SLOTS.value,
+    mesh=cli.mesh_flag(_MESH.value),
     token_file=_TOKEN_FILE.value,
     allowed_origin=list(_ORIGINS.value),
     vocoder_iters=_VOCODER_ITERS.value,

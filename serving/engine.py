@@ -73,13 +73,11 @@ class EngineFullError(RuntimeError):
   """Every slot holds a session."""
 
 
-@jax.jit
 def _set_slot(state, mask_B, seed, temperature, top_p, active):
   # Resets the slot even on leave, so an idle slot holds no trace of its last session.
   return step_lib.reset_slots(state, mask_B, seed_B=seed, temperature_B=temperature, top_p_B=top_p, active_B=active)
 
 
-@jax.jit
 def _set_sampling(state, mask_B, seed, temperature, top_p):
   def pick(new, old):
     return jnp.where(mask_B, new.astype(old.dtype), old)
@@ -89,20 +87,44 @@ def _set_sampling(state, mask_B, seed, temperature, top_p):
   )
 
 
+_SET_SLOT, _SET_SAMPLING = jax.jit(_set_slot), jax.jit(_set_sampling)
+
+
 class Engine:
   """``slots`` sessions served by one compiled step; see the module docstring."""
 
   def __init__(
-    self, cfg, graphdef, params, *, slots: int, cache_tokens: int, tools=None, background=None, rng_seed: int = 0
+    self,
+    cfg,
+    graphdef,
+    params,
+    *,
+    slots: int,
+    cache_tokens: int,
+    tools=None,
+    background=None,
+    rng_seed: int = 0,
+    mesh=None,
   ):
     if slots < 1:
       raise ValueError(f"slots must be >= 1, got {slots}")
-    self.cfg, self.params, self.slots = cfg, params, slots
-    self.step = step_lib.Step(graphdef, cfg)
+    self.cfg, self.slots, self.mesh = cfg, slots, mesh
+    # With a mesh the step owns the shardings: parameters by their logical axes, slots over the batch axes.
+    self.step = step_lib.Step(graphdef, cfg, mesh=mesh)
+    self.params = params if mesh is None else self.step.place_params(params)
+    self.step.check_slots(slots)
     state = step_lib.init_state(cfg, slots, cache_tokens)._replace(active=jnp.zeros((slots,), bool))
-    devices = {d for leaf in jax.tree.leaves(params) for d in leaf.devices()}
-    if len(devices) == 1:  # committed like every state the step returns, else the second tick recompiles
-      state = jax.device_put(state, devices.pop())
+    self._set_slot, self._set_sampling = _SET_SLOT, _SET_SAMPLING
+    if mesh is not None:
+      state = self.step.place_state(state)
+      # The state leaves a join or a sampling change laid out as the step takes it (one compiled step).
+      out = self.step.state_shardings
+      self._set_slot = jax.jit(_set_slot, out_shardings=out)
+      self._set_sampling = jax.jit(_set_sampling, out_shardings=out)
+    else:
+      devices = {d for leaf in jax.tree.leaves(params) for d in leaf.devices()}
+      if len(devices) == 1:  # committed like every state the step returns, else the second tick recompiles
+        state = jax.device_put(state, devices.pop())
     self.state = state
     self.rng = jax.random.key(rng_seed)
     self.tools, self.background = tools, background
@@ -123,7 +145,7 @@ class Engine:
 
   def _update_slot(self, slot: int, sampling: Sampling, active: bool) -> None:
     mask = np.arange(self.slots) == slot
-    self.state = _set_slot(
+    self.state = self._set_slot(
       self.state,
       mask,
       np.uint32(sampling.seed),
@@ -155,7 +177,7 @@ class Engine:
     session = self._live(session)
     session.sampling = sampling
     mask = np.arange(self.slots) == session.slot
-    self.state = _set_sampling(
+    self.state = self._set_sampling(
       self.state, mask, np.uint32(sampling.seed), np.float32(sampling.temperature), np.float32(sampling.top_p)
     )
 

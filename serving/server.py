@@ -448,14 +448,17 @@ class LiveServer:
 # -- command line ---------------------------------------------------------------------
 
 
-def build_engine(checkpoint: str, slots: int) -> Engine:
+def build_engine(checkpoint: str, slots: int, mesh: dict | None = None) -> Engine:
+  """The engine over ``checkpoint``; ``mesh`` (axis sizes) lays parameters and slots out over the devices."""
+  from interaction import sharding
   from interaction.ckpt import open_model
   from serving.background import ArithmeticBackground, BackgroundWorker
   from serving.tools import ToolRuntime
 
-  loaded = open_model(checkpoint)
+  mesh = sharding.make_mesh(mesh) if mesh else None
+  loaded = open_model(checkpoint, mesh=mesh)
   return Engine.from_loaded(
-    loaded, slots=slots, tools=ToolRuntime(), background=BackgroundWorker(ArithmeticBackground())
+    loaded, slots=slots, tools=ToolRuntime(), background=BackgroundWorker(ArithmeticBackground()), mesh=mesh
   )
 
 
@@ -465,11 +468,15 @@ async def serve_forever(args) -> int:
   Refusals (a missing checkpoint, a taken port) are ``SystemExit("error: ...")``: launch.serve prints one line.
   """
   token, source = read_token(args.token_file)
-  print(f"loading {args.checkpoint} for {args.slots} slots...", flush=True)
+  mesh = getattr(args, "mesh", None)
+  where = f" on mesh {','.join(f'{k}={v}' for k, v in mesh.items())}" if mesh else ""
+  print(f"loading {args.checkpoint} for {args.slots} slots{where}...", flush=True)
   try:
-    engine = build_engine(args.checkpoint, args.slots)
+    engine = build_engine(args.checkpoint, args.slots, mesh)
   except FileNotFoundError as e:  # CheckpointNotFoundError included
     raise SystemExit(f"error: {e}; pass a trainer workdir (e.g. workdir/demo after make demo)") from None
+  except ValueError as e:  # e.g. slots that do not split over --mesh
+    raise SystemExit(f"error: {e}") from None
   limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
   server = LiveServer(
     engine, token=token, allowed_origins=args.allowed_origin, limits=limits, vocoder_iters=args.vocoder_iters

@@ -1,6 +1,7 @@
 """AOT compile for a TPU slice without a TPU: topology parsing and the memory report's fields."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -21,7 +22,7 @@ def test_topology_names_map_to_chips_and_shapes():
   for name in ["v5p-64", "v5p-128", "v5p-512", "v6e-64", "v6e-128"]:
     assert name in aot.known_topologies()
   for bad in ["v5p-7", "v5p-2048", "v9-8", "v5p"]:
-    with pytest.raises(ValueError, match="unknown topology .* known: v5p-8"):
+    with pytest.raises(ValueError, match="unknown topology .* known: v4-8, .*v5p-8"):
       aot.parse_topology(bad)
 
 
@@ -82,6 +83,42 @@ def test_aot_compile_for_v5p_8_reports_per_chip_memory_and_flops(libtpu, job):
   assert "temporaries" in text and "fits" in text and "MFU" in text
   small = dict(r, hbm_bytes=r["total_bytes"] - aot.GIB // 2, fits=False)
   assert "exceeds" in aot.shortfall(small) and "by 0.50 GiB" in aot.shortfall(small)
+
+
+@pytest.mark.parametrize("topology", ["v4-8", "v5e-4"])
+def test_v4_and_v5e_slices_compile_the_serve_step_one_device_per_chip(libtpu, topology):
+  r = aot.report(experiment(small_pod_config()), topology, "serve")
+  chip = aot.parse_topology(topology).chip
+  assert r["chips"] == 4 and r["mesh"] == {"expert": 4} and r["compile_error"] is None
+  assert r["hbm_bytes"] == {"v4": 32, "v5e": 16}[chip.name] * aot.GIB and r["fits"]
+  assert aot.parse_topology("v5litepod-16").name == "v5e-16"
+
+
+OOM_CONFIG = """
+from tests.test_pod_aot import small_pod_config
+
+def get_config():
+  c = small_pod_config()
+  if "{job}" == "serve":
+    c.serve.update(cache_tokens=2**26)  # 64M-token caches: 4 slots' KV and scratch far past 95 GiB
+  else:
+    c.model.update(expert_ffn_dim=2**22)  # ~200 GiB of expert weights and Adam moments per chip
+  return c
+"""
+
+
+@pytest.mark.parametrize("job", ["train", "serve"])
+def test_a_config_that_cannot_fit_exits_1_naming_the_shortfall(libtpu, job, tmp_path, capsys):
+  path = tmp_path / f"oom_{job}.py"
+  path.write_text(OOM_CONFIG.format(job=job))
+  assert aot.main(["--config", str(path), "--topology", "v5p-8", "--job", job, "--json"]) == 1
+  out, err = capsys.readouterr()
+  r = json.loads(out.strip().splitlines()[-1])
+  # The compiler's refusal is the report (serve passes a PRNG key: its bytes are counted, not a TypeError).
+  assert r["compile_error"].startswith("RESOURCE_EXHAUSTED") and not r["fits"]
+  assert r["temp_bytes"] > r["hbm_bytes"] and r["argument_bytes"] > 0
+  assert "DOES NOT FIT" in out and "from the compiler's message" in out
+  assert f"error: {job} step does not fit on v5p-8:" in err and "exceeds 95 GiB HBM by" in err
 
 
 def test_unknown_topology_is_a_clear_error_before_compiling():

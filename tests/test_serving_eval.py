@@ -64,6 +64,26 @@ def test_streamed_evaluation_writes_report_and_timelines_and_gates_on_targets(da
   assert evaluate_job.main([*args, "--oracle"]) == 0
 
 
+def test_the_evaluation_report_is_the_same_on_one_device_and_on_a_mesh(data_dir, tmp_path):
+  workdir = save_checkpoint(tmp_path)
+  kw = dict(slots=8, max_conversations=len(synthetic.TASKS), timelines=False, progress=False)
+  one = evaluate.run(workdir, data_dir, **kw)
+  mesh = evaluate.run(workdir, data_dir, mesh={"data": 2, "expert": 4}, **kw)
+  assert one.pop("placement") == {"devices": 1}
+  assert mesh.pop("placement") == {"mesh": {"data": 2, "expert": 4}}
+  assert sum(one["conversations"].values()) == len(synthetic.TASKS)
+  assert mesh == one  # every figure and count: greedy sessions see the same tokens on both placements
+
+
+def test_a_mesh_larger_than_the_devices_is_refused_in_one_line(data_dir, tmp_path):
+  workdir = save_checkpoint(tmp_path)
+  args = ["--checkpoint", str(workdir), "--data", str(data_dir)]
+  with pytest.raises(SystemExit, match=r"--mesh 'data=4,expert=4': mesh .* needs 16 devices, have 8; a CPU host"):
+    evaluate_job.main([*args, "--mesh", "data=4,expert=4"])
+  with pytest.raises(SystemExit, match=r"slots=6 cannot be split over the mesh's batch axes \(8 ways"):
+    evaluate_job.main([*args, "--mesh", "data=2,expert=4", "--slots", "6"])
+
+
 def test_evaluation_cli_names_a_missing_checkpoint_or_dataset_in_one_line(data_dir, tmp_path):
   workdir = save_checkpoint(tmp_path)
   with pytest.raises(SystemExit, match=r"^error: .*nowhere: no such directory\n.*--checkpoint workdir/demo"):

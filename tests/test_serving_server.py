@@ -474,11 +474,13 @@ def test_a_client_that_stops_reading_is_closed_at_the_output_cap_and_others_go_o
 # -- drain on SIGTERM ------------------------------------------------------------------------
 
 
-def test_sigterm_closes_every_session_with_a_reason_and_exits_0(tmp_path):
+@pytest.mark.parametrize("mesh", [None, "data=2,expert=4"])
+def test_sigterm_closes_every_session_with_a_reason_and_exits_0(tmp_path, mesh):
   workdir = save_checkpoint(tmp_path)
-  env = {**os.environ, server_lib.TOKEN_ENV: TOKEN, "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, server_lib.TOKEN_ENV: TOKEN, "JAX_PLATFORMS": "cpu"}  # conftest's 8 CPU devices
+  placement = ["--mesh", mesh] if mesh else []
   proc = subprocess.Popen(
-    [sys.executable, "-m", "launch.serve", "--checkpoint", str(workdir), "--port", "0", "--slots", "8"],
+    [sys.executable, "-m", "launch.serve", "--checkpoint", str(workdir), "--port", "0", "--slots", "8", *placement],
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
@@ -494,6 +496,7 @@ def test_sigterm_closes_every_session_with_a_reason_and_exits_0(tmp_path):
         break
     else:
       raise AssertionError("server did not start:\n" + "".join(lines))
+    assert ("on mesh data=2,expert=4" in lines[0]) == bool(mesh), lines[0]
     clients = [connect(url) for _ in range(8)]
     for ws in clients:
       assert json.loads(ws.recv(timeout=10))["type"] == "session.started"

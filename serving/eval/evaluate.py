@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from data_pipeline import featurize, record, script, shards
+from interaction import sharding
 from interaction.ckpt import open_model
 from serving.background import ArithmeticBackground, BackgroundWorker
 from serving.calls import MarkerParser
@@ -190,15 +191,22 @@ def run(
   timelines: bool = True,
   progress: bool = True,
   silence: bool = True,
+  mesh: dict | None = None,
 ) -> dict:
-  """Evaluate ``checkpoint`` on the eval split of ``data_dir``; print the table, return the report."""
-  loaded = open_model(checkpoint)
+  """Evaluate ``checkpoint`` on the eval split of ``data_dir``; print the table, return the report.
+
+  ``mesh`` (axis sizes, e.g. ``{"data": 2, "expert": 4}``) lays the parameters and the engine's slots
+  out over this process's devices; ``None`` runs on the first device. The report is the same either way.
+  """
+  mesh = sharding.make_mesh(mesh) if mesh else None
+  loaded = open_model(checkpoint, mesh=mesh)
   convs = read_conversations(data_dir, limit=max_conversations)
   if not convs:
     raise ValueError(f"{data_dir}: the eval split holds no conversations")
   if silence:
     convs = [silent_conversation(), *convs]  # first, so its 300 ticks run beside the others
   info = {"checkpoint": str(loaded.path), "step": loaded.step, "slots": slots, "oracle": oracle}
+  info |= {"placement": {"mesh": {k: v for k, v in mesh.shape.items() if v > 1}} if mesh else {"devices": 1}}
   info |= {"silence_turns": scores.SILENCE_TURNS if silence else 0}
   info |= {"sampling": {"temperature": temperature, "top_p": top_p, "seed": seed}}
   if oracle:
@@ -206,7 +214,7 @@ def run(
   else:
     tools = ToolRuntime(hold_ticks=TOOL_LATENCY_TICKS)
     background = BackgroundWorker(ArithmeticBackground(), hold_ticks=BACKGROUND_LATENCY_TICKS)
-    engine = Engine.from_loaded(loaded, slots=slots, tools=tools, background=background)
+    engine = Engine.from_loaded(loaded, slots=slots, tools=tools, background=background, mesh=mesh)
     try:
       transcripts = stream_through_engine(engine, loaded.cfg, convs, Sampling(temperature, top_p, seed), progress)
     finally:
