@@ -174,8 +174,9 @@ def quiet(level: str = "warning") -> None:
     logging.basicConfig(level=number, format="%(levelname)s %(name)s: %(message)s")
 
 
-def mesh_flag(text: str | None, flag: str = "--mesh") -> dict | None:
-  """A ``--mesh data=2,expert=4`` value checked against this job's devices (``None`` when not given)."""
+def mesh_flag(text: str | None, flag: str = "--mesh", share: int = 1) -> dict | None:
+  """A ``--mesh data=2,expert=4`` value checked against this job's devices, or a ``1/share`` of them
+  (``None`` when not given)."""
   if not text:
     return None
   import jax  # noqa: PLC0415 (the command line is parsed before jax is needed)
@@ -184,7 +185,7 @@ def mesh_flag(text: str | None, flag: str = "--mesh") -> dict | None:
 
   try:
     axes = sharding.parse_mesh(text)
-    sharding.mesh_shape(axes, jax.device_count())
+    sharding.mesh_shape(axes, jax.device_count() // share)
   except ValueError as e:
     hint = ""
     if jax.default_backend() == "cpu":

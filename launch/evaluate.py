@@ -2,7 +2,7 @@ r"""Evaluation job: stream held-out conversations through the engine and score i
 
   python -m launch.evaluate --checkpoint workdir/demo --data workdir/demo/data [--slots 32] [--output DIR]
                             [--require_targets] [--temperature 0] [--max_conversations N] [--oracle]
-                            [--mesh data=2,expert=4]
+                            [--mesh data=2,expert=4] [--replicas 2]
 
 ``--checkpoint`` is anything ``interaction.ckpt.open_model`` opens: a trainer
 workdir, its checkpoints directory or one step, or a serve checkpoint (what
@@ -11,7 +11,9 @@ one micro-turn per tick; the model free-runs (serving/eval/evaluate.py). Writes
 ``report.json`` and timeline PNGs to ``--output`` and prints a table.
 ``--require_targets`` exits 1 when any target fails; ``--oracle`` scores the
 recorded model streams instead (the data's own behaviour). ``--mesh`` lays the
-parameters and the slots out over this process's devices (the report is the same).
+parameters and the slots out over this process's devices; ``--replicas R`` splits
+the conversations over R engines, each on 1/R of the devices (a mesh of ``--mesh``'s
+shape, or one device each). The report is the same for every placement.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ _MAX_CONVERSATIONS = flags.DEFINE_integer(
 _MESH = flags.DEFINE_string(
   "mesh", None, "Mesh axis sizes, e.g. data=2,expert=4 (default: one device).", flag_values=FLAGS
 )
+_REPLICAS = flags.DEFINE_integer(
+  "replicas", 1, "Engines side by side, each on 1/R of the devices, conversations split among them.", flag_values=FLAGS
+)
 _ORACLE = flags.DEFINE_bool(
   "oracle", False, "Score the recorded model streams (checks the metrics).", flag_values=FLAGS
 )
@@ -51,7 +56,9 @@ def main(argv=None) -> int:
   cli.parse(FLAGS, argv, doc=__doc__, prog="python -m launch.evaluate", required=("checkpoint", "data"))
   if _SLOTS.value < 1:
     raise cli.UsageError(f"--slots must be >= 1, got {_SLOTS.value}")
-  mesh = cli.mesh_flag(_MESH.value)
+  if _REPLICAS.value < 1:
+    raise cli.UsageError(f"--replicas must be >= 1, got {_REPLICAS.value}")
+  mesh = cli.mesh_flag(_MESH.value, share=_REPLICAS.value)
   try:
     report = evaluate.run(
       _CHECKPOINT.value,
@@ -64,6 +71,7 @@ def main(argv=None) -> int:
       max_conversations=_MAX_CONVERSATIONS.value,
       oracle=_ORACLE.value,
       mesh=mesh,
+      replicas=_REPLICAS.value,
     )
   except (FileNotFoundError, shards.DatasetError) as e:  # CheckpointNotFoundError included
     raise cli.UsageError(

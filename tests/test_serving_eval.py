@@ -64,15 +64,19 @@ def test_streamed_evaluation_writes_report_and_timelines_and_gates_on_targets(da
   assert evaluate_job.main([*args, "--oracle"]) == 0
 
 
-def test_the_evaluation_report_is_the_same_on_one_device_and_on_a_mesh(data_dir, tmp_path):
+def test_the_evaluation_report_is_the_same_on_one_device_on_a_mesh_and_on_2_replicas(data_dir, tmp_path):
   workdir = save_checkpoint(tmp_path)
   kw = dict(slots=8, max_conversations=len(synthetic.TASKS), timelines=False, progress=False)
   one = evaluate.run(workdir, data_dir, **kw)
   mesh = evaluate.run(workdir, data_dir, mesh={"data": 2, "expert": 4}, **kw)
+  replicas = evaluate.run(workdir, data_dir, mesh={"expert": 4}, replicas=2, **kw)
   assert one.pop("placement") == {"devices": 1}
   assert mesh.pop("placement") == {"mesh": {"data": 2, "expert": 4}}
+  assert replicas.pop("placement") == {"replicas": 2, "mesh": {"expert": 4}}
   assert sum(one["conversations"].values()) == len(synthetic.TASKS)
-  assert mesh == one  # every figure and count: greedy sessions see the same tokens on both placements
+  # Every figure and count: greedy sessions see the same tokens on every placement, and a conversation
+  # keeps its sampling seed whichever replica streams it.
+  assert mesh == one and replicas == one
 
 
 def test_a_mesh_larger_than_the_devices_is_refused_in_one_line(data_dir, tmp_path):
@@ -82,6 +86,8 @@ def test_a_mesh_larger_than_the_devices_is_refused_in_one_line(data_dir, tmp_pat
     evaluate_job.main([*args, "--mesh", "data=4,expert=4"])
   with pytest.raises(SystemExit, match=r"slots=6 cannot be split over the mesh's batch axes \(8 ways"):
     evaluate_job.main([*args, "--mesh", "data=2,expert=4", "--slots", "6"])
+  with pytest.raises(SystemExit, match=r"--mesh 'expert=8': mesh .* needs 8 devices, have 4"):
+    evaluate_job.main([*args, "--mesh", "expert=8", "--replicas", "2"])
 
 
 def test_evaluation_cli_names_a_missing_checkpoint_or_dataset_in_one_line(data_dir, tmp_path):

@@ -18,10 +18,13 @@ own behaviour: a check that the scores and targets are attainable).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import math
 import pathlib
 import time
 
+import jax
 import numpy as np
 
 from data_pipeline import featurize, record, script, shards
@@ -103,8 +106,15 @@ def oracle_transcript(cfg, conv, feats) -> scores.Transcript:
   )
 
 
-def stream_through_engine(engine, cfg, convs, sampling, progress: bool = True) -> list[scores.Transcript]:
-  """Run every conversation as a session; sessions join as slots free up, leave at their last turn."""
+def stream_through_engine(
+  engine, cfg, convs, sampling, progress: bool = True, *, ids=None, label: str = ""
+) -> list[scores.Transcript]:
+  """Run every conversation as a session; sessions join as slots free up, leave at their last turn.
+
+  ``ids``: each conversation's index in the whole evaluation (its sampling seed is ``sampling.seed + id``),
+  so a conversation samples alike whichever replica streams it.
+  """
+  ids = list(range(len(convs))) if ids is None else list(ids)
   in_names = [s.name for s in cfg.directed("in")]
   queue = list(range(len(convs)))
   live, done = {}, {}  # session id -> (conversation index, features, per-turn outputs)
@@ -112,7 +122,7 @@ def stream_through_engine(engine, cfg, convs, sampling, progress: bool = True) -
   while queue or live:
     while queue and len(live) < engine.slots:
       i = queue.pop(0)
-      session = engine.join(Sampling(sampling.temperature, sampling.top_p, sampling.seed + i))
+      session = engine.join(Sampling(sampling.temperature, sampling.top_p, sampling.seed + ids[i]))
       live[session.id] = (i, conversation_streams(cfg, convs[i]), [], session)
     inputs = {}
     for sid, (_, feats, outs, _) in live.items():
@@ -128,10 +138,12 @@ def stream_through_engine(engine, cfg, convs, sampling, progress: bool = True) -
         done[i] = _transcript(cfg, convs[i], feats, outs, session)
         del live[sid]
     if progress and ticks % 50 == 0:
-      print(f"  tick {ticks}: {len(done)}/{len(convs)} conversations done", flush=True)
+      print(f"  {label}tick {ticks}: {len(done)}/{len(convs)} conversations done", flush=True)
   if progress:
     dt = time.perf_counter() - t0
-    print(f"  {ticks} ticks in {dt:.1f} s ({dt / ticks * 1e3:.0f} ms per tick, {engine.slots} slots)", flush=True)
+    print(
+      f"  {label}{ticks} ticks in {dt:.1f} s ({dt / ticks * 1e3:.0f} ms per tick, {engine.slots} slots)", flush=True
+    )
   return [done[i] for i in range(len(convs))]
 
 
@@ -150,6 +162,30 @@ def _transcript(cfg, conv, feats, outs, session) -> scores.Transcript:
     ref_words(conv),
     audio_out,
   )
+
+
+def replica_meshes(axes: dict | None, replicas: int) -> list:
+  """One mesh per replica over disjoint devices (``[None]``: one engine on the first device)."""
+  if replicas < 1:
+    raise ValueError(f"replicas must be >= 1, got {replicas}")
+  if replicas == 1:
+    return [sharding.make_mesh(axes) if axes else None]
+  devices = jax.devices()
+  axes = dict(axes or {})
+  per = len(devices) // replicas if -1 in axes.values() else math.prod(axes.values() or [1])
+  if per < 1 or per * replicas > len(devices):
+    raise ValueError(
+      f"{replicas} replicas of mesh {axes or '(one device)'} need {replicas * max(per, 1)} devices, have {len(devices)}"
+    )
+  return [sharding.make_mesh(axes, devices[r * per : (r + 1) * per]) for r in range(replicas)]
+
+
+def placement(meshes: list) -> dict:
+  """Where the engines ran, for the report: one device, or each replica's mesh axes."""
+  if meshes == [None]:
+    return {"devices": 1}
+  shape = {k: v for k, v in meshes[0].shape.items() if v > 1}
+  return {"mesh": shape} if len(meshes) == 1 else {"replicas": len(meshes), "mesh": shape}
 
 
 def build_report(transcripts, info: dict) -> dict:
@@ -192,33 +228,50 @@ def run(
   progress: bool = True,
   silence: bool = True,
   mesh: dict | None = None,
+  replicas: int = 1,
 ) -> dict:
   """Evaluate ``checkpoint`` on the eval split of ``data_dir``; print the table, return the report.
 
   ``mesh`` (axis sizes, e.g. ``{"data": 2, "expert": 4}``) lays the parameters and the engine's slots
-  out over this process's devices; ``None`` runs on the first device. The report is the same either way.
+  out over this process's devices; ``None`` runs on the first device. ``replicas`` > 1 splits the
+  conversations over that many engines, each on its own devices (a sub-mesh of ``mesh``'s shape, or one
+  device each), run side by side; their transcripts merge into one report. The report is the same
+  for every placement.
   """
-  mesh = sharding.make_mesh(mesh) if mesh else None
-  loaded = open_model(checkpoint, mesh=mesh)
+  meshes = replica_meshes(mesh, replicas)
+  loaded = open_model(checkpoint, mesh=meshes[0] if replicas == 1 else None)
   convs = read_conversations(data_dir, limit=max_conversations)
   if not convs:
     raise ValueError(f"{data_dir}: the eval split holds no conversations")
   if silence:
     convs = [silent_conversation(), *convs]  # first, so its 300 ticks run beside the others
   info = {"checkpoint": str(loaded.path), "step": loaded.step, "slots": slots, "oracle": oracle}
-  info |= {"placement": {"mesh": {k: v for k, v in mesh.shape.items() if v > 1}} if mesh else {"devices": 1}}
+  info |= {"placement": placement(meshes)}
   info |= {"silence_turns": scores.SILENCE_TURNS if silence else 0}
   info |= {"sampling": {"temperature": temperature, "top_p": top_p, "seed": seed}}
   if oracle:
     transcripts = [oracle_transcript(loaded.cfg, c, conversation_streams(loaded.cfg, c)) for c in convs]
   else:
-    tools = ToolRuntime(hold_ticks=TOOL_LATENCY_TICKS)
-    background = BackgroundWorker(ArithmeticBackground(), hold_ticks=BACKGROUND_LATENCY_TICKS)
-    engine = Engine.from_loaded(loaded, slots=slots, tools=tools, background=background, mesh=mesh)
-    try:
-      transcripts = stream_through_engine(engine, loaded.cfg, convs, Sampling(temperature, top_p, seed), progress)
-    finally:
-      engine.close()
+    sampling = Sampling(temperature, top_p, seed)
+
+    def replica(r: int) -> dict:
+      tools = ToolRuntime(hold_ticks=TOOL_LATENCY_TICKS)
+      background = BackgroundWorker(ArithmeticBackground(), hold_ticks=BACKGROUND_LATENCY_TICKS)
+      engine = Engine.from_loaded(loaded, slots=slots, tools=tools, background=background, mesh=meshes[r])
+      mine = list(range(r, len(convs), len(meshes)))
+      label = f"replica {r}: " if len(meshes) > 1 else ""
+      try:
+        got = stream_through_engine(
+          engine, loaded.cfg, [convs[i] for i in mine], sampling, progress, ids=mine, label=label
+        )
+      finally:
+        engine.close()
+      return dict(zip(mine, got, strict=True))
+
+    # Side by side: a tick waits on its devices with the GIL released, so the replicas' steps overlap.
+    with concurrent.futures.ThreadPoolExecutor(len(meshes)) as pool:
+      merged = {i: tr for part in pool.map(replica, range(len(meshes))) for i, tr in part.items()}
+    transcripts = [merged[i] for i in range(len(convs))]
     info |= {"tool_latency_ticks": TOOL_LATENCY_TICKS, "background_latency_ticks": BACKGROUND_LATENCY_TICKS}
   report = build_report(transcripts, info)
   if output_dir is not None:
