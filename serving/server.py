@@ -420,6 +420,8 @@ class LiveServer:
       for said in typed:
         engine.say(session, said)
       if video is not None:  # decoded ahead, or (a session's first frame, just before the tick) now
+        if video[0] != "decoded":
+          self.counters["video_decoded_in_tick"] += 1  # written by this thread only
         video = video[1] if video[0] == "decoded" else self.media.decoded(*video)
       frame, refused = (None, video) if isinstance(video, ClientError) else (video, None)
       inputs[session.id] = self._features(client, pcm, frame)

@@ -42,6 +42,21 @@ def test_teacher_forced_step_equals_training_forward():
   assert diff <= 1e-5
 
 
+def test_the_unrolled_slot_loop_accelerators_compile_equals_the_scanned_one():
+  cfg = tiny_cfg()
+  graphdef, params = make_model(cfg, seed=2)
+  batch = random_batch(cfg, 2, 6, seed=5)
+  outs = {}
+  for unroll in (False, True):
+    step = step_lib.Step(graphdef, cfg)
+    step.unroll = unroll  # what Step picks on a TPU or GPU (traced at the first call, so set before it)
+    state = step_lib.init_state(cfg, 2, cfg.attention_window, temperature=0.0)
+    _, outs[unroll] = run_ticks(step, params, state, cfg, batch, 6, forced=False)
+  np.testing.assert_array_equal(outs[True].values["text_out"], outs[False].values["text_out"])
+  np.testing.assert_allclose(outs[True].values["audio_out"], outs[False].values["audio_out"], atol=1e-5)
+  np.testing.assert_allclose(outs[True].logprobs["text_out"], outs[False].logprobs["text_out"], atol=1e-5)
+
+
 def test_free_running_step_is_what_the_forward_would_sample():
   """Greedy text and flow-sampled mel frames, fed back, are reproduced by the window forward."""
   cfg = tiny_cfg()
