@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -253,11 +254,15 @@ class Step:
       STATE_AXES,
       is_leaf=sharding.is_axes,
     )
-    replicated = NamedSharding(mesh, P())
+    replicated = self.replicated = NamedSharding(mesh, P())
+    # Across processes (multi-controller) every process runs this step on the same host inputs, which
+    # become global arrays here, and gets every slot's outputs back (replicated: a few KB per tick).
+    self.multiprocess = any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+    out_sharding = replicated if self.multiprocess else self.batch_sharding
     self._jitted = jax.jit(
       run,
       in_shardings=(self.param_shardings, self.state_shardings, self.batch_sharding, replicated, self.batch_sharding),
-      out_shardings=(self.state_shardings, self.batch_sharding),
+      out_shardings=(self.state_shardings, out_sharding),
       donate_argnums=(1,),
     )
 
@@ -329,5 +334,27 @@ class Step:
     if self.mesh is None:
       return self._jitted(params, state, turn_inputs, rng, forced)
     params = params if isinstance(params, dict) else nnx.to_pure_dict(params)
+    if self.multiprocess:
+      turn_inputs, forced = self.global_array(turn_inputs), self.global_array(forced)
+      rng = self.global_key(rng)
     with jax.set_mesh(self.mesh):
       return self._jitted(params, state, turn_inputs, rng, forced)
+
+  def global_array(self, tree, sharding=None):
+    """Host arrays that hold the same values on every process -> global arrays (split over the batch axes)."""
+    sharding = self.batch_sharding if sharding is None else sharding
+
+    def one(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+  def global_key(self, key):
+    """A PRNG key that is the same on every process -> one replicated global key."""
+    if not key.is_fully_addressable:
+      return key
+    data = self.global_array(np.asarray(jax.random.key_data(key)), self.replicated)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))

@@ -11,7 +11,9 @@ one micro-turn per tick; the model free-runs (serving/eval/evaluate.py). Writes
 ``report.json`` and timeline PNGs to ``--output`` and prints a table.
 ``--require_targets`` exits 1 when any target fails; ``--oracle`` scores the
 recorded model streams instead (the data's own behaviour). ``--mesh`` lays the
-parameters and the slots out over this process's devices; ``--replicas R`` splits
+parameters and the slots out over the job's devices (all processes' under
+``launch.local`` or on a pod slice: each process streams the same conversations in
+lockstep, process 0 writes the report); ``--replicas R`` splits
 the conversations over R engines, each on 1/R of the devices (a mesh of ``--mesh``'s
 shape, or one device each). The report is the same for every placement.
 """
@@ -23,6 +25,7 @@ import sys
 from absl import flags
 
 from data_pipeline import shards
+from interaction import distributed
 from interaction.ckpt import ServeCheckpointError, UnsafePathError
 from launch import cli
 from serving.eval import evaluate
@@ -58,6 +61,9 @@ def main(argv=None) -> int:
     raise cli.UsageError(f"--slots must be >= 1, got {_SLOTS.value}")
   if _REPLICAS.value < 1:
     raise cli.UsageError(f"--replicas must be >= 1, got {_REPLICAS.value}")
+  # A multi-process job (launch.local, a pod): every process streams the same conversations through
+  # its part of the mesh in lockstep; process 0 prints and writes the report.
+  distributed.initialize_from_env()
   mesh = cli.mesh_flag(_MESH.value, share=_REPLICAS.value)
   try:
     report = evaluate.run(

@@ -1,7 +1,7 @@
 """Multi-process JAX on localhost: launcher, barriers and lost peers, equivalence, preemption.
 
 The fast tests use small scripts; the training runs (2 processes x 4 CPU devices
-against 1 x 8) are ``slow``.
+against 1 x 8) and the evaluation job on 2 processes are ``slow``.
 """
 
 import json
@@ -231,3 +231,25 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes(setup
     f"[p0] resumed from step {saved[0]} " in resumed.stdout and f"[p1] resumed from step {saved[0]} " in resumed.stdout
   )
   assert '"step": 40' in resumed.stdout
+
+
+@pytest.mark.slow  # ~5 min on 2 cores: two processes' gloo collectives every tick
+def test_the_evaluation_report_is_the_same_on_2_processes_of_4_devices_and_on_1_device(tmp_path):
+  from interaction.testing import save_checkpoint
+  from serving.eval import evaluate
+
+  workdir = save_checkpoint(tmp_path)
+  synthetic.generate(tmp_path / "data", "eval", len(synthetic.TASKS), seed=11)
+  args = ["--checkpoint", str(workdir), "--data", str(tmp_path / "data"), "--slots", "8"]
+  cmd = [PY, "-m", "launch.local", "--processes", "2", "--devices-per-process", "4", "--"]
+  cmd += [PY, "-m", "launch.evaluate", *args, "--mesh", "data=2,expert=4", "--output", str(tmp_path / "out")]
+  out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)  # noqa: S603
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "[p0] silence/active_rate" in out.stdout and "[p1] silence/active_rate" not in out.stdout  # p0 reports
+  two = json.loads((tmp_path / "out" / "report.json").read_text())
+  one = evaluate.run(workdir, tmp_path / "data", slots=8, timelines=False, progress=False)
+  assert two.pop("placement") == {"mesh": {"data": 2, "expert": 4}, "processes": 2}
+  assert one.pop("placement") == {"devices": 1}
+  two.pop("timelines")
+  assert sum(one["conversations"].values()) == len(synthetic.TASKS)
+  assert two == one  # every figure and count

@@ -185,7 +185,8 @@ def placement(meshes: list) -> dict:
   if meshes == [None]:
     return {"devices": 1}
   shape = {k: v for k, v in meshes[0].shape.items() if v > 1}
-  return {"mesh": shape} if len(meshes) == 1 else {"replicas": len(meshes), "mesh": shape}
+  where = {"mesh": shape} if len(meshes) == 1 else {"replicas": len(meshes), "mesh": shape}
+  return where | ({"processes": jax.process_count()} if jax.process_count() > 1 else {})
 
 
 def build_report(transcripts, info: dict) -> dict:
@@ -236,9 +237,13 @@ def run(
   out over this process's devices; ``None`` runs on the first device. ``replicas`` > 1 splits the
   conversations over that many engines, each on its own devices (a sub-mesh of ``mesh``'s shape, or one
   device each), run side by side; their transcripts merge into one report. The report is the same
-  for every placement.
+  for every placement. In a multi-process job (``interaction.distributed``) the mesh spans every
+  process's devices: each process streams the same conversations (read from ``data_dir``) in lockstep,
+  and process 0 alone prints and writes ``output_dir``.
   """
   meshes = replica_meshes(mesh, replicas)
+  lead = jax.process_index() == 0  # on several processes every one streams in lockstep; process 0 reports
+  progress = progress and lead
   loaded = open_model(checkpoint, mesh=meshes[0] if replicas == 1 else None)
   convs = read_conversations(data_dir, limit=max_conversations)
   if not convs:
@@ -274,6 +279,8 @@ def run(
     transcripts = [merged[i] for i in range(len(convs))]
     info |= {"tool_latency_ticks": TOOL_LATENCY_TICKS, "background_latency_ticks": BACKGROUND_LATENCY_TICKS}
   report = build_report(transcripts, info)
+  if not lead:
+    return report
   if output_dir is not None:
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
