@@ -230,10 +230,13 @@ def test_the_imported_model_opens_and_the_evaluation_job_runs_on_it(tmp_path):
 
   data = tmp_path / "data"
   synthetic.generate(data, "eval", len(synthetic.TASKS), seed=11)
-  args = ["--checkpoint", tmp_path / "ours", "--data", data, "--slots", "7", "--max-conversations", "7"]
+  # Evaluated on meshes of 4 devices: two replicas of expert=4 (its 4 experts one per device), 8 slots each.
+  args = ["--checkpoint", tmp_path / "ours", "--data", data, "--slots", "8", "--max-conversations", "7"]
+  args += ["--mesh", "expert=4", "--replicas", "2"]
   assert evaluate_job.main([*map(str, args), "--output", str(tmp_path / "eval")]) == 0
   report = json.loads((tmp_path / "eval" / "report.json").read_text())
   assert sum(report["conversations"].values()) == 7 and set(scores.TARGETS) <= set(report["figures"])
+  assert report["placement"] == {"replicas": 2, "mesh": {"expert": 4}}
 
   # The live server serves it: one WebSocket session of a few ticks gets the model's frames back.
   got = serve_a_session(tmp_path / "ours", ticks=3)
