@@ -269,3 +269,18 @@ class Engine:
     for source in (self.tools, self.background):
       if source is not None:
         source.close()
+
+
+def open_engine(checkpoint, slots: int, mesh: dict | None = None) -> Engine:
+  """The live server's engine over ``checkpoint`` (anything ``open_model`` opens), with the tool runtime and
+  the arithmetic background model; ``mesh`` (axis sizes) lays parameters and slots out over the devices."""
+  from interaction import sharding
+  from interaction.ckpt import open_model
+  from serving.background import ArithmeticBackground, BackgroundWorker
+  from serving.tools import ToolRuntime
+
+  mesh = sharding.make_mesh(mesh) if mesh else None
+  loaded = open_model(checkpoint, mesh=mesh)
+  return Engine.from_loaded(
+    loaded, slots=slots, tools=ToolRuntime(), background=BackgroundWorker(ArithmeticBackground()), mesh=mesh
+  )

@@ -36,7 +36,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 
 from serving import protocol
-from serving.engine import Engine, EngineFullError, Sampling
+from serving.engine import Engine, EngineFullError, Sampling, open_engine
 from serving.media import Media, SessionMedia
 from serving.protocol import AUDIO as AUDIO
 from serving.protocol import PROTOCOL_VERSION, TICK_S, ClientError, Limits
@@ -450,20 +450,6 @@ class LiveServer:
 # -- command line ---------------------------------------------------------------------
 
 
-def build_engine(checkpoint: str, slots: int, mesh: dict | None = None) -> Engine:
-  """The engine over ``checkpoint``; ``mesh`` (axis sizes) lays parameters and slots out over the devices."""
-  from interaction import sharding
-  from interaction.ckpt import open_model
-  from serving.background import ArithmeticBackground, BackgroundWorker
-  from serving.tools import ToolRuntime
-
-  mesh = sharding.make_mesh(mesh) if mesh else None
-  loaded = open_model(checkpoint, mesh=mesh)
-  return Engine.from_loaded(
-    loaded, slots=slots, tools=ToolRuntime(), background=BackgroundWorker(ArithmeticBackground()), mesh=mesh
-  )
-
-
 async def serve_forever(args) -> int:
   """Open the model, listen, tick until SIGTERM/SIGINT, drain; ``args``: any object with launch.serve's flags.
 
@@ -474,7 +460,7 @@ async def serve_forever(args) -> int:
   where = f" on mesh {','.join(f'{k}={v}' for k, v in mesh.items())}" if mesh else ""
   print(f"loading {args.checkpoint} for {args.slots} slots{where}...", flush=True)
   try:
-    engine = build_engine(args.checkpoint, args.slots, mesh)
+    engine = open_engine(args.checkpoint, args.slots, mesh)
   except FileNotFoundError as e:  # CheckpointNotFoundError included
     raise SystemExit(f"error: {e}; pass a trainer workdir (e.g. workdir/demo after make demo)") from None
   except ValueError as e:  # e.g. slots that do not split over --mesh

@@ -11,6 +11,7 @@ from data_pipeline import wav
 from launch import loadtest as launch_loadtest
 from serving import loadtest
 from serving import server as server_lib
+from serving.engine import open_engine
 from tests.helpers import save_checkpoint
 
 TOKEN = "loadtest-token"
@@ -23,7 +24,7 @@ def test_three_sessions_stream_tick_end_cleanly_and_the_fourth_is_refused(tmp_pa
   audio_dir.mkdir()
   # 22.05 kHz: the tool resamples to 16 kHz, as espeak-ng's output needs.
   wav.write_wav(audio_dir / "voiced.wav", wav.resample(loadtest.synthetic_speech(4.0), 16000, 22050), 22050)
-  engine = server_lib.build_engine(str(workdir), SLOTS)
+  engine = open_engine(str(workdir), SLOTS)
 
   async def scenario():
     srv = server_lib.LiveServer(engine, token=TOKEN, autotick=True, log=lambda *a: None)
