@@ -171,8 +171,10 @@ def test_the_largest_raw_frames_and_a_jpeg_stream_are_decoded_between_ticks(serv
   # the README's figures come from passing runs): what is checked is where the decoding happens.
   p99 = (float(np.percentile(quiet, 99)), float(np.percentile(video, 99)))
   skipped = s.server.counters["skipped_ticks"]
-  print(f"tick p99 ms without / with video {p99[0]:.1f} / {p99[1]:.1f}; {used} frames used, {inline} decoded in a tick;"
-        f" {skipped} ticks skipped")
+  print(
+    f"tick p99 ms without / with video {p99[0]:.1f} / {p99[1]:.1f}; {used} frames used, {inline} decoded in a tick;"
+    f" {skipped} ticks skipped"
+  )
   # 6 s of each: 29 ticks on an idle machine; a loaded one (the suite beside a demo) ran 19 and skipped some.
   assert len(quiet) >= 12 and len(video) >= 12 and not errors
   assert used >= len(video)  # the video reached the model: two sessions had a frame at most ticks
