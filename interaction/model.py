@@ -70,22 +70,41 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCac
 def write_cache(cache: KVCache, positions_BT, dense_kv, moe_kv) -> KVCache:
   """The cache with every layer's new keys and values ``[L, B, T, K, E]`` written at ``position % C``.
 
-  One scatter per buffer after the layer scan (in place when the step donates the state).
+  One scatter per buffer after the layer scan (in place when the step donates the state) whose batch
+  dimension is declared to XLA (``operand_batching_dims``), so a mesh that splits the slots writes each
+  shard's rows where they are, with no transposed copy of the buffer (index arrays over the batch made
+  XLA gather every slot's update to every device: one all-gather per buffer per write; ``vmap`` of the
+  write moved the slot axis first, a copy of each buffer on TPU).
   """
-  b_B1, slot_BT = jnp.arange(positions_BT.shape[0])[:, None], positions_BT % cache.capacity
+  slot_BT1 = (positions_BT % cache.capacity)[..., None]
+  # Buffers are [L, B, K, C, E]: slots batch dim 1, the write picks C (dim 3); updates are [B, T, L, K, E].
+  kv_dims = jax.lax.ScatterDimensionNumbers(
+    update_window_dims=(2, 3, 4),
+    inserted_window_dims=(3,),
+    scatter_dims_to_operand_dims=(3,),
+    operand_batching_dims=(1,),
+    scatter_indices_batching_dims=(0,),
+  )
+  pos_dims = jax.lax.ScatterDimensionNumbers(
+    update_window_dims=(),
+    inserted_window_dims=(1,),
+    scatter_dims_to_operand_dims=(1,),
+    operand_batching_dims=(0,),
+    scatter_indices_batching_dims=(0,),
+  )
 
   def put(buffer_LBKCE, new_LBTKE):
     if new_LBTKE is None:
       return buffer_LBKCE
-    # Advanced indices (b, slot) split by a slice go first: the update is [B, T, L, K, E].
-    return buffer_LBKCE.at[:, b_B1, :, slot_BT].set(jnp.moveaxis(new_LBTKE, 0, 2).astype(buffer_LBKCE.dtype))
+    new_BTLKE = jnp.transpose(new_LBTKE, (1, 2, 0, 3, 4)).astype(buffer_LBKCE.dtype)
+    return jax.lax.scatter(buffer_LBKCE, slot_BT1, new_BTLKE, kv_dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
   return KVCache(
     put(cache.dense_k, dense_kv[0]),
     put(cache.dense_v, dense_kv[1]),
     put(cache.moe_k, moe_kv[0]),
     put(cache.moe_v, moe_kv[1]),
-    cache.pos.at[b_B1, slot_BT].set(positions_BT),
+    jax.lax.scatter(cache.pos, slot_BT1, positions_BT, pos_dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP),
   )
 
 
