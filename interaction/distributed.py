@@ -39,6 +39,7 @@ class BarrierTimeoutError(RuntimeError):
 _barrier_counts: dict[str, int] = {}
 _stop = threading.Event()
 _watchdog: threading.Thread | None = None
+_on_abandon: list = []  # callables(message) run before an abandoning exit (e.g. a server closing its sessions)
 
 
 def timeout_s() -> float:
@@ -140,17 +141,19 @@ def host_value(x):
 # -- peer liveness -----------------------------------------------------------------
 
 
-def start_watchdog(interval: float = 1.0) -> threading.Thread | None:
+def start_watchdog(interval: float | None = None) -> threading.Thread | None:
   """Exit this process, naming the peer, once a peer's heartbeat has not advanced for ``timeout_s()``.
 
   Collectives with a dead peer block without end; this thread turns that hang into an error.
   Every process bumps its own counter in the coordination service's key-value store; losing the
-  store itself means losing process 0, which hosts it.
+  store itself means losing process 0, which hosts it. The beat comes every ``timeout_s() / 50``
+  (0.05 to 1 s), so a loss is named within the timeout plus two beats.
   """
   n = jax.process_count()
   if n == 1:
     return None
   client, me, limit = _client(), jax.process_index(), timeout_s()
+  interval = min(max(limit / 50, 0.05), 1.0) if interval is None else interval
   prefix = "interaction/alive/"
 
   def watch():
@@ -187,8 +190,18 @@ def abandon(message: str, code: int = PEER_LOST_EXIT) -> NoReturn:
   abort the process (SIGABRT), losing the exit status the launcher acts on.
   """
   print(f"error: {message}", file=sys.stderr, flush=True)
+  for callback in list(_on_abandon):
+    try:
+      callback(message)
+    except Exception as e:  # noqa: BLE001  (exiting anyway: say what the callback could not do)
+      print(f"error: while abandoning: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(code)
+
+
+def on_abandon(callback) -> None:
+  """Run ``callback(message)`` before this process abandons the job (a lost peer); it should be quick."""
+  _on_abandon.append(callback)
 
 
 @contextlib.contextmanager

@@ -105,10 +105,14 @@ class Engine:
     background=None,
     rng_seed: int = 0,
     mesh=None,
+    channel=None,
   ):
     if slots < 1:
       raise ValueError(f"slots must be >= 1, got {slots}")
     self.cfg, self.slots, self.mesh = cfg, slots, mesh
+    # On several processes the leader's engine sends every device operation to the followers first
+    # (``serving.lockstep``); a follower's engine only runs ``run_op``.
+    self.channel = channel
     # With a mesh the step owns the shardings: parameters by their logical axes, slots over the batch axes.
     self.step = step_lib.Step(graphdef, cfg, mesh=mesh)
     self.params = params if mesh is None else self.step.place_params(params)
@@ -143,15 +147,39 @@ class Engine:
 
   # -- sessions -----------------------------------------------------------------
 
+  def _apply(self, op: str, **arrays):
+    """Run one device operation on the state (on several processes: every process runs it)."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    if self.channel is not None:
+      index = self.channel.send(op, arrays)
+    out = self.run_op(op, arrays)
+    if self.channel is not None and op == "step":
+      out = jax.device_get(out)  # the step is a collective: every follower has read the operations up to it
+      self.channel.forget(index + 1)
+    return out
+
+  def run_op(self, op: str, arrays: dict[str, np.ndarray]):
+    """One device operation: ``set_slot`` and ``set_sampling`` update the state; ``step`` returns the outputs."""
+    if op == "step":
+      self.state, out = self.step(self.params, self.state, arrays, self.rng)
+      return out
+    if op == "set_slot":
+      keys = ("mask", "seed", "temperature", "top_p", "active")
+      self.state = self._set_slot(self.state, *(arrays[k] for k in keys))
+    elif op == "set_sampling":
+      self.state = self._set_sampling(self.state, *(arrays[k] for k in ("mask", "seed", "temperature", "top_p")))
+    else:
+      raise ValueError(f"unknown engine operation {op!r}")
+    return None
+
   def _update_slot(self, slot: int, sampling: Sampling, active: bool) -> None:
-    mask = np.arange(self.slots) == slot
-    self.state = self._set_slot(
-      self.state,
-      mask,
-      np.uint32(sampling.seed),
-      np.float32(sampling.temperature),
-      np.float32(sampling.top_p),
-      np.bool_(active),
+    self._apply(
+      "set_slot",
+      mask=np.arange(self.slots) == slot,
+      seed=np.uint32(sampling.seed),
+      temperature=np.float32(sampling.temperature),
+      top_p=np.float32(sampling.top_p),
+      active=np.bool_(active),
     )
 
   def join(self, sampling: Sampling = Sampling()) -> Session:
@@ -176,9 +204,12 @@ class Engine:
     """New sampling settings from the next tick on; the session's cache and micro-turn are kept."""
     session = self._live(session)
     session.sampling = sampling
-    mask = np.arange(self.slots) == session.slot
-    self.state = self._set_sampling(
-      self.state, mask, np.uint32(sampling.seed), np.float32(sampling.temperature), np.float32(sampling.top_p)
+    self._apply(
+      "set_sampling",
+      mask=np.arange(self.slots) == session.slot,
+      seed=np.uint32(sampling.seed),
+      temperature=np.float32(sampling.temperature),
+      top_p=np.float32(sampling.top_p),
     )
 
   def say(self, session: Session | int, message: str) -> None:
@@ -237,8 +268,7 @@ class Engine:
     the ``text_in`` it was actually fed (call results included).
     """
     batch = self._inputs(inputs or {})
-    self.state, out = self.step(self.params, self.state, batch, self.rng)
-    out = jax.device_get(out)
+    out = jax.device_get(self._apply("step", **batch))
     results = {}
     for sid, session in self.sessions.items():
       mine = out.row(session.slot)
@@ -266,14 +296,19 @@ class Engine:
     session.open_calls.append(call)
 
   def close(self) -> None:
+    if self.channel is not None:
+      self.channel.send("stop", {})  # the followers return from ``lockstep.follow``
+      self.channel = None
     for source in (self.tools, self.background):
       if source is not None:
         source.close()
 
 
-def open_engine(checkpoint, slots: int, mesh: dict | None = None) -> Engine:
+def open_engine(checkpoint, slots: int, mesh: dict | None = None, *, channel=None, follower: bool = False) -> Engine:
   """The live server's engine over ``checkpoint`` (anything ``open_model`` opens), with the tool runtime and
-  the arithmetic background model; ``mesh`` (axis sizes) lays parameters and slots out over the devices."""
+  the arithmetic background model; ``mesh`` (axis sizes) lays parameters and slots out over the devices
+  (of every process). On several processes the leader's engine gets the lockstep ``channel``; a
+  ``follower``'s engine has no tools (it only runs the leader's operations)."""
   from interaction import sharding
   from interaction.ckpt import open_model
   from serving.background import ArithmeticBackground, BackgroundWorker
@@ -281,6 +316,7 @@ def open_engine(checkpoint, slots: int, mesh: dict | None = None) -> Engine:
 
   mesh = sharding.make_mesh(mesh) if mesh else None
   loaded = open_model(checkpoint, mesh=mesh)
-  return Engine.from_loaded(
-    loaded, slots=slots, tools=ToolRuntime(), background=BackgroundWorker(ArithmeticBackground()), mesh=mesh
-  )
+  if follower:
+    return Engine.from_loaded(loaded, slots=slots, mesh=mesh)
+  tools, background = ToolRuntime(), BackgroundWorker(ArithmeticBackground())
+  return Engine.from_loaded(loaded, slots=slots, tools=tools, background=background, mesh=mesh, channel=channel)

@@ -38,6 +38,7 @@ CLOSE_ENDED = 1000  # after session.end
 CLOSE_SHUTDOWN = 1001  # SIGTERM drain
 CLOSE_POLICY = 1008  # the client reads too slowly, or the session reached its maximum duration
 CLOSE_SERVER_ERROR = 1011  # a bug; the other sessions go on
+CLOSE_LOST_PROCESS = 1012  # a server on several processes lost one: every session is closed, the job restarts
 CLOSE_FULL = 1013  # admission lost a race for the last slot
 SHUTDOWN_REASON = "server shutting down"
 ENDED_REASON = "session ended by client"

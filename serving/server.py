@@ -2,7 +2,7 @@ r"""Live server: WebSocket sessions on the sessions engine, one tick every 200 m
 
   python -m launch.serve --checkpoint workdir/demo [--host 127.0.0.1] [--port 8000] [--slots 32]
 
-runs ``serve_forever`` here (the command line is ``launch/serve.py``).
+(the command line, ``serve_forever``, is ``launch/serve.py``).
 
 Every live session holds one slot of the engine's jitted step. A tick runs at each multiple of 200 ms of
 wall clock: each session's audio received since its last tick is cut into the micro-turn (zero-padded:
@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
-import signal
 import socket
 import time
 
@@ -36,7 +36,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 
 from serving import protocol
-from serving.engine import Engine, EngineFullError, Sampling, open_engine
+from serving.engine import Engine, EngineFullError, Sampling
 from serving.media import Media, SessionMedia
 from serving.protocol import AUDIO as AUDIO
 from serving.protocol import PROTOCOL_VERSION, TICK_S, ClientError, Limits
@@ -44,7 +44,7 @@ from serving.protocol import RAW as RAW
 from serving.protocol import TOKEN_ENV as TOKEN_ENV
 from serving.routes import ROUTES as ROUTES
 from serving.routes import STATIC as STATIC
-from serving.routes import Routes, read_token, response
+from serving.routes import Routes, response
 
 # Kernel send buffer per connection: fixed (no autotuning to megabytes), so a client that stops
 # reading reaches the server's unsent-output cap within seconds instead of minutes of queued audio.
@@ -154,6 +154,15 @@ class LiveServer:
       await asyncio.sleep(0.01)
     self._stopped = True
     self._executor.shutdown(wait=True)
+
+  async def abort(self, code: int, reason: str, timeout_s: float = 2.0) -> None:
+    """Close every session with ``code`` and ``reason`` without the engine (it may be stuck: a lost process)."""
+    self.draining = True
+    if self._ticker is not None:
+      self._ticker.cancel()
+    closes = asyncio.gather(*(c.ws.close(code, reason) for c in list(self.clients.values())), return_exceptions=True)
+    with contextlib.suppress(TimeoutError):  # the frames are out; a peer that does not answer is not waited for
+      await asyncio.wait_for(closes, timeout_s)
 
   async def _run(self, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -445,47 +454,3 @@ class LiveServer:
 
   def _features(self, client: Client, pcm: np.ndarray, frame: np.ndarray | None) -> dict:
     return self.media.features(client.media, pcm, frame)
-
-
-# -- command line ---------------------------------------------------------------------
-
-
-async def serve_forever(args) -> int:
-  """Open the model, listen, tick until SIGTERM/SIGINT, drain; ``args``: any object with launch.serve's flags.
-
-  Refusals (a missing checkpoint, a taken port) are ``SystemExit("error: ...")``: launch.serve prints one line.
-  """
-  token, source = read_token(args.token_file)
-  mesh = getattr(args, "mesh", None)
-  where = f" on mesh {','.join(f'{k}={v}' for k, v in mesh.items())}" if mesh else ""
-  print(f"loading {args.checkpoint} for {args.slots} slots{where}...", flush=True)
-  try:
-    engine = open_engine(args.checkpoint, args.slots, mesh)
-  except FileNotFoundError as e:  # CheckpointNotFoundError included
-    raise SystemExit(f"error: {e}; pass a trainer workdir (e.g. workdir/demo after make demo)") from None
-  except ValueError as e:  # e.g. slots that do not split over --mesh
-    raise SystemExit(f"error: {e}") from None
-  limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
-  server = LiveServer(
-    engine, token=token, allowed_origins=args.allowed_origin, limits=limits, vocoder_iters=args.vocoder_iters
-  )
-  try:
-    port = await server.start(args.host, args.port)
-  except OSError as e:
-    engine.close()
-    raise SystemExit(
-      f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}; pick another --port"
-    ) from None
-  stop = asyncio.Event()
-  loop = asyncio.get_running_loop()
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    loop.add_signal_handler(sig, stop.set)
-  shown = token if source == "generated" else f"<token from {source}>"
-  print(f"serving {args.slots} slots on http://{args.host}:{port}/?token={shown}  (token: {source})", flush=True)
-  print(f"ready: ws://{args.host}:{port}{protocol.SESSION_PATH}", flush=True)
-  await stop.wait()
-  print(f"draining {len(server.clients)} sessions...", flush=True)
-  await server.drain()
-  engine.close()
-  print("stopped", flush=True)
-  return 0
