@@ -1,4 +1,5 @@
-"""Job specs that run ``launch.train`` on a cluster: a GKE JobSet for TPU slices, an sbatch script for GPUs.
+"""Job specs that run a job on a cluster: a GKE JobSet (training, evaluation) or LeaderWorkerSet and Service
+(live serving) for TPU slices, an sbatch script for GPUs.
 
 Both start one process per host and give it what ``interaction.distributed``
 reads: on GKE, ``INTERACTION_COORDINATOR=auto`` (jax finds the slice's hosts
@@ -13,6 +14,7 @@ import re
 import shlex
 
 from launch.topology import parse_topology
+from serving.protocol import HEALTH_PATH
 
 GKE_ACCELERATORS = {
   "v4": "tpu-v4-podslice",
@@ -24,8 +26,24 @@ COORDINATOR_PORT = 8476
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
 
 
+SERVE_PORT = 8000
+TOKEN_SECRET_KEY = "token"
+
+
 def train_command(config: str, workdir: str, overrides: list[str] | tuple = ()) -> list[str]:
   return ["python", "-m", "launch.train", "--config", config, "--workdir", workdir, "--noprogress", *overrides]
+
+
+def evaluate_command(checkpoint: str, mesh: str, output: str, extra: list[str] | tuple = ()) -> list[str]:
+  return ["python", "-m", "launch.evaluate", "--checkpoint", checkpoint, "--mesh", mesh, "--output", output, *extra]
+
+
+def serve_command(checkpoint: str, mesh: str, slots: int, extra: list[str] | tuple = ()) -> list[str]:
+  """``launch.serve`` on every process; process 0 listens on all interfaces (its Service is the way in)."""
+  return [
+    "python", "-m", "launch.serve", "--checkpoint", checkpoint, "--mesh", mesh, "--slots", str(slots),
+    "--host", "0.0.0.0", "--port", str(SERVE_PORT), *extra,
+  ]  # fmt: skip
 
 
 def check_name(name: str) -> str:
@@ -53,32 +71,7 @@ def jobset(
     {"name": "INTERACTION_BARRIER_TIMEOUT", "value": str(barrier_timeout_s)},
     {"name": "JOBSET_NAME", "value": name},
   ]
-  container = {
-    "name": "jax-tpu",
-    "image": image,
-    "imagePullPolicy": "Always",
-    "command": ["bash", "-c", shlex.join(command)],
-    "env": env,
-    "ports": [{"containerPort": 8471}, {"containerPort": 8080}, {"containerPort": COORDINATOR_PORT}],
-    "securityContext": {"privileged": True},
-    "resources": {"limits": {"google.com/tpu": topo.chips_per_host}},
-  }
-  pod = {
-    "metadata": {"labels": {"xpk.google.com/workload": name}},
-    "spec": {
-      "schedulerName": "default-scheduler",
-      "restartPolicy": "Never",
-      "hostNetwork": True,
-      "dnsPolicy": "ClusterFirstWithHostNet",
-      # SIGTERM first: every process checkpoints the same step, then exits 0.
-      "terminationGracePeriodSeconds": grace_s,
-      "nodeSelector": {
-        "cloud.google.com/gke-tpu-accelerator": GKE_ACCELERATORS[topo.chip.name],
-        "cloud.google.com/gke-tpu-topology": topo.shape,
-      },
-      "containers": [container],
-    },
-  }
+  pod = tpu_pod(topo, image, command, env, {"xpk.google.com/workload": name}, grace_s=grace_s, restart="Never")
   labels = {"xpk.google.com/workload": name}
   if queue:
     labels["kueue.x-k8s.io/queue-name"] = queue
@@ -108,6 +101,107 @@ def jobset(
       ],
     },
   }
+
+
+def tpu_pod(
+  topo, image: str, command: list[str], env: list, labels: dict, *, grace_s: int, restart: str, ports=(), prefix=""
+):
+  """A pod template for one TPU host of the slice ``topo`` running ``command`` (after the shell's ``prefix``)."""
+  container = {
+    "name": "jax-tpu",
+    "image": image,
+    "imagePullPolicy": "Always",
+    "command": ["bash", "-c", prefix + shlex.join(command)],
+    "env": env,
+    "ports": [{"containerPort": 8471}, {"containerPort": 8080}, {"containerPort": COORDINATOR_PORT}, *ports],
+    "securityContext": {"privileged": True},
+    "resources": {"limits": {"google.com/tpu": topo.chips_per_host}},
+  }
+  return {
+    "metadata": {"labels": labels},
+    "spec": {
+      "schedulerName": "default-scheduler",
+      "restartPolicy": restart,
+      "hostNetwork": True,
+      "dnsPolicy": "ClusterFirstWithHostNet",
+      # SIGTERM first: training checkpoints the same step on every process, serving drains; then exit 0.
+      "terminationGracePeriodSeconds": grace_s,
+      "nodeSelector": {
+        "cloud.google.com/gke-tpu-accelerator": GKE_ACCELERATORS[topo.chip.name],
+        "cloud.google.com/gke-tpu-topology": topo.shape,
+      },
+      "containers": [container],
+    },
+  }
+
+
+def leader_worker_set(
+  name: str,
+  topology: str,
+  image: str,
+  command: list[str],
+  *,
+  grace_s: int = 120,
+  barrier_timeout_s: int = 300,
+  token_secret: str | None = None,
+) -> list[dict]:
+  """A LeaderWorkerSet (one group: the leader is process 0, with the WebSocket front end; the workers are the
+  slice's other hosts) and a Service to the leader's port. The processes find each other through the
+  variables LWS sets (the leader's address, the group size, each pod's index); the access token comes
+  from the Secret ``token_secret`` (key ``token``)."""
+  topo = parse_topology(topology)
+  check_name(name)
+  token_secret = token_secret or f"{name}-token"
+  # LWS gives every container the leader's address, the group size and the pod's index in the group.
+  prefix = (
+    f"INTERACTION_COORDINATOR=$LWS_LEADER_ADDRESS:{COORDINATOR_PORT} INTERACTION_NUM_PROCESSES=$LWS_GROUP_SIZE "
+    "INTERACTION_PROCESS_ID=$LWS_WORKER_INDEX exec "
+  )
+  env = [
+    {"name": "INTERACTION_BARRIER_TIMEOUT", "value": str(barrier_timeout_s)},
+    {
+      "name": "INTERACTION_SERVER_TOKEN",
+      "valueFrom": {"secretKeyRef": {"name": token_secret, "key": TOKEN_SECRET_KEY}},
+    },
+  ]
+  leader = tpu_pod(
+    topo, image, command, env, {"app": name, "role": "leader"}, grace_s=grace_s, restart="Always",
+    ports=[{"containerPort": SERVE_PORT, "name": "websocket"}], prefix=prefix,
+  )  # fmt: skip
+  leader["spec"]["containers"][0]["readinessProbe"] = {
+    "httpGet": {"path": HEALTH_PATH, "port": SERVE_PORT},
+    "periodSeconds": 5,
+    "failureThreshold": 3,
+  }
+  worker = tpu_pod(
+    topo, image, command, env, {"app": name, "role": "worker"}, grace_s=grace_s, restart="Always", prefix=prefix
+  )
+  lws = {
+    "apiVersion": "leaderworkerset.x-k8s.io/v1",
+    "kind": "LeaderWorkerSet",
+    "metadata": {"name": name},
+    "spec": {
+      "replicas": 1,
+      "startupPolicy": "LeaderCreated",
+      "leaderWorkerTemplate": {
+        "size": topo.hosts,
+        # A lost process ends the group's server (exit 75): the group restarts as one.
+        "restartPolicy": "RecreateGroupOnPodRestart",
+        "leaderTemplate": leader,
+        "workerTemplate": worker,
+      },
+    },
+  }
+  service = {
+    "apiVersion": "v1",
+    "kind": "Service",
+    "metadata": {"name": name},
+    "spec": {
+      "selector": {"app": name, "role": "leader"},
+      "ports": [{"name": "websocket", "port": SERVE_PORT, "targetPort": SERVE_PORT, "protocol": "TCP"}],
+    },
+  }
+  return [lws, service]
 
 
 def parse_gpu_topology(text: str) -> tuple[int, int]:
@@ -142,8 +236,8 @@ def sbatch(
 #SBATCH --signal=TERM@{grace_s}
 #SBATCH --output={name}-%j.log
 # One JAX process per node drives its {gpus} GPUs; {nodes * gpus} GPUs in all. SIGTERM {grace_s} s before
-# the time limit (or on preemption) makes every process checkpoint the same step and exit 0;
-# resubmitting resumes from it.
+# the time limit (or on preemption): training checkpoints the same step on every process and exits 0
+# (resubmitting resumes from it); a live server drains its sessions and exits 0.
 set -euo pipefail
 {setup}
 COORDINATOR_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
