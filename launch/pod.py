@@ -93,28 +93,13 @@ def main(argv=None) -> int:
     else:
       if not args.image:
         raise ValueError("--image is required for --target gke-tpu")
+      common = dict(grace_s=args.grace, barrier_timeout_s=args.barrier_timeout)
       if args.job == "serve":
         docs = jobspec.leader_worker_set(
-          name,
-          args.topology,
-          args.image,
-          command,
-          grace_s=args.grace,
-          barrier_timeout_s=args.barrier_timeout,
-          token_secret=args.token_secret,
+          name, args.topology, args.image, command, token_secret=args.token_secret, **common
         )
       else:
-        docs = [
-          jobspec.jobset(
-            name,
-            args.topology,
-            args.image,
-            command,
-            grace_s=args.grace,
-            barrier_timeout_s=args.barrier_timeout,
-            queue=args.queue,
-          )
-        ]
+        docs = [jobspec.jobset(name, args.topology, args.image, command, queue=args.queue, **common)]
       text = yaml.safe_dump_all(docs, sort_keys=False)
   except ValueError as e:
     raise cli.UsageError(str(e)) from None
